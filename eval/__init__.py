@@ -1,0 +1,1 @@
+"""After the sweep: held-out generation and scoring, selection, merge and the leaderboard."""

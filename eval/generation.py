@@ -1,0 +1,53 @@
+"""Batched greedy generation and completion-only held-out loss for one (base or adapted) model."""
+
+from __future__ import annotations
+
+import math
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions (KV cache on, left padding so every row continues from its own last token)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    tokenizer.padding_side = "right"
+    return outputs
+
+
+def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int) -> float:
+    """Mean NLL per completion token, prompt tokens masked: the same loss the trials minimize."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, labels = [], []
+        for row in chunk:
+            # Prompt with the tokenizer's special tokens, completion without: as TRL tokenizes for training.
+            prompt_ids = tokenizer(row["prompt"])["input_ids"]
+            completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            ids.append(prompt_ids + completion_ids)
+            labels.append([-100] * len(prompt_ids) + completion_ids)
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
+        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        shifted_logits, shifted_labels = logits[:, :-1], label_ids[:, 1:]
+        nll = torch.nn.functional.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)),
+                                                shifted_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shifted_labels != -100).sum())
+    return total_nll / total_tokens if total_tokens else math.nan

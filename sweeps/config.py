@@ -44,11 +44,13 @@ class DataConfig:
     target_field: str = "intent"
     # Put between the prompt and the target; the tokenizer's EOS token ends the target.
     target_prefix: str = " "
-    # Keep only the first N target values in sorted order (0 keeps all): a small study for a CPU.
-    num_targets: int = 0
+    # Keep only the first N target values in sorted order (0 keeps all). The default is a study that
+    # fits a 2-core CPU in minutes: 10 intents, 500 training rows, 80 validation rows for ASHA.
+    num_targets: int = 10
     max_train_rows: int = 0
-    max_validation_rows: int = 0
-    max_test_rows: int = 0
+    max_validation_rows: int = 80
+    # Held-out prompts for the evaluation stage: a seeded sample across all labels (0 keeps all).
+    max_test_rows: int = 120
     max_length: int = 128
     seed: int = 42
 
@@ -62,8 +64,8 @@ class TrainingConfig:
     lora_dropout: float = 0.05
     lora_target_modules: str = "all_linear"
     learning_rate: float = 2.0e-4
-    max_steps: int = 30
-    eval_steps: int = 10
+    max_steps: int = 16
+    eval_steps: int = 8
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
@@ -80,7 +82,7 @@ class SweepConfig:
 
     method: Literal["bayes", "random", "grid"] = "bayes"
     metric: dict = field(default_factory=lambda: {"name": "eval_loss", "goal": "minimize"})
-    run_cap: int = 4
+    run_cap: int = 6
     max_concurrent_trials: int = 2
     early_terminate: dict = field(default_factory=lambda: {"type": "hyperband", "min_iter": 1, "eta": 2})
     parameters: dict = field(
@@ -88,7 +90,7 @@ class SweepConfig:
             "lora_r": {"values": [8, 16]},
             "lora_alpha": {"values": [16, 32]},
             "lora_target_modules": {"values": ["attn_qv", "all_linear"]},
-            "learning_rate": {"distribution": "log_uniform_values", "min": 1.0e-4, "max": 2.0e-3},
+            "learning_rate": {"distribution": "log_uniform_values", "min": 2.0e-4, "max": 3.0e-3},
         }
     )
     seed: int = 42
@@ -106,8 +108,7 @@ class ResourcesConfig:
 @dataclass
 class EvalConfig:
     top_k: int = 2
-    max_test_prompts: int = 150
-    max_new_tokens: int = 16
+    max_new_tokens: int = 12
     batch_size: int = 32
     select_by: Literal["exact_match", "heldout_loss"] = "exact_match"
     # Exact-match normalization, with the options of the `evaluate` exact_match metric.
@@ -118,6 +119,9 @@ class EvalConfig:
     regexes_to_ignore: list[str] = field(default_factory=list)
     merge: bool = True
     merge_check_prompts: int = 32
+    # The merged weights are rounded to bf16 once, so a rare greedy flip against the adapter is expected;
+    # a broken merge moves exact match by far more than this.
+    merge_check_tolerance: float = 0.05
 
 
 @dataclass

@@ -23,7 +23,7 @@ from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
 SMOKE_OVERRIDES = [
     "sweep.run_cap=2", "sweep.max_concurrent_trials=2", "training.max_steps=4", "training.eval_steps=2",
     "training.per_device_train_batch_size=4", "data.num_targets=3", "data.max_train_rows=48",
-    "data.max_validation_rows=12", "data.max_test_rows=12", "eval.max_test_prompts=12", "eval.top_k=1",
+    "data.max_validation_rows=12", "data.max_test_rows=12", "eval.top_k=1",
     "eval.merge_check_prompts=8",
 ]
 
@@ -102,14 +102,15 @@ def run(config, parsed) -> int:
     model_dir = resolve_model_dir(config.model.model_name_or_path)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     splits = with_eos(splits, tokenizer.eos_token)
-    if config.eval.max_test_prompts:
-        splits["test"] = splits["test"][: config.eval.max_test_prompts]
     print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
           f"{len(splits['test'])} held-out test rows", flush=True)
 
     if not os.environ.get("RAY_ADDRESS"):
         # A local Ray instance started here: its workers inherit this environment and find the packages.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    # Tune snapshots the experiment at every checkpoint (num_to_keep=1) so that a resume loses nothing;
+    # its warning about frequent snapshots is about remote storage and only adds noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     gpus = config.resources.gpus_per_trial
@@ -193,7 +194,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def print_summary(rows: list[dict], paths: dict, outcome: dict, experiment_dir: Path) -> None:
     print("\n[lorasweep] top of the leaderboard:")
-    for row in rows[:5] + [r for r in rows if r["trial_id"] == "base"]:
+    trial_rows = [r for r in rows if r["trial_id"] != "base"]
+    for row in trial_rows[:5] + [r for r in rows if r["trial_id"] == "base"]:
         em = "" if row["exact_match"] is None else f"exact_match={row['exact_match']:.3f} "
         loss = "" if row["best_eval_loss"] is None else f"eval_loss={row['best_eval_loss']:.4f} "
         print(f"  {row['rank'] or '-':>2} {row['trial_id']:<14} {em}{loss}{row['status']}")

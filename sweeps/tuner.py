@@ -27,7 +27,7 @@ class TrialProgress(tune.Callback):
               f"({result.get('wall_time_s')}s)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        print(f"[lorasweep] trial {trial.trial_id} finished after {trial.last_result.get('step')} steps", flush=True)
+        print(f"[lorasweep] trial {trial.trial_id} ended after {trial.last_result.get('step')} steps", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[lorasweep] trial {trial.trial_id} FAILED: {_first_line(trial.error_file)}", flush=True)

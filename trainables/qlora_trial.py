@@ -7,6 +7,7 @@ import math
 import resource
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 from transformers import TrainerCallback
@@ -50,18 +51,31 @@ class TrialSpec:
 
 def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict], eval_rows: list[dict]) -> None:
     """The Ray Tune function trainable; `settings` and the rows arrive through tune.with_parameters."""
+    started = time.time()
+    spec = TrialSpec.from_tune_config(settings, tune_config)
+    trainer = build_trainer(spec, train_rows, eval_rows)
+    trainer.add_callback(_ReportToTune(trainer.processing_class, started))
+    trainer.train()
+
+
+def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str | None = None):
+    """Base model (4-bit on CUDA, the configured fallback on CPU) + LoRA + a TRL SFTTrainer on
+    prompt/completion rows with the loss on completions only."""
     import torch
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar as disable_datasets_progress_bars
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
     from trainables.model_loading import choose_precision, load_base_model, load_tokenizer
 
-    started = time.time()
-    hf_logging.set_verbosity_error()  # one live line per trial from Tune, not a scroll of library warnings
-    spec = TrialSpec.from_tune_config(settings, tune_config)
+    # One line per evaluation from Tune, not a scroll of library warnings and progress bars per trial.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_datasets_progress_bars()
     cuda = torch.cuda.is_available()
     precision, path_line = choose_precision(spec.load_in_4bit, spec.cpu_fallback, cuda)
     print(f"[lorasweep] trial path: {path_line}", flush=True)
@@ -77,42 +91,42 @@ def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict],
                       target_modules=target_modules_for(spec.lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
 
-    with tempfile.TemporaryDirectory(prefix="lorasweep-trial-") as work_dir:
-        args = SFTConfig(
-            output_dir=work_dir,
-            max_steps=spec.max_steps,
-            eval_strategy="steps",
-            eval_steps=spec.eval_steps,
-            save_strategy="no",  # checkpoints go to Tune at each evaluation, below
-            logging_steps=spec.eval_steps,
-            per_device_train_batch_size=spec.per_device_train_batch_size,
-            per_device_eval_batch_size=spec.per_device_eval_batch_size,
-            gradient_accumulation_steps=spec.gradient_accumulation_steps,
-            learning_rate=spec.learning_rate,
-            warmup_steps=spec.warmup_steps,
-            lr_scheduler_type=spec.lr_scheduler_type,
-            weight_decay=spec.weight_decay,
-            gradient_checkpointing=spec.gradient_checkpointing,
-            # The CPU path already holds bf16 weights; autocast there costs time and buys nothing.
-            bf16=cuda,
-            use_cpu=not cuda,
-            max_length=spec.max_length,
-            completion_only_loss=True,
-            include_num_input_tokens_seen="non_padding",
-            report_to="none",
-            disable_tqdm=True,
-            seed=spec.seed,
-            dataloader_num_workers=0,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows]),
-            eval_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows]),
-            processing_class=tokenizer,
-            callbacks=[_ReportToTune(tokenizer, started)],
-        )
-        trainer.train()
+    args = SFTConfig(
+        # Nothing is saved here (checkpoints go to Tune at each evaluation); the trainer wants a directory.
+        output_dir=output_dir or tempfile.mkdtemp(prefix="lorasweep-trial-"),
+        max_steps=spec.max_steps,
+        eval_strategy="steps",
+        eval_steps=spec.eval_steps,
+        save_strategy="no",
+        logging_steps=spec.eval_steps,
+        per_device_train_batch_size=spec.per_device_train_batch_size,
+        per_device_eval_batch_size=spec.per_device_eval_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate,
+        warmup_steps=spec.warmup_steps,
+        lr_scheduler_type=spec.lr_scheduler_type,
+        weight_decay=spec.weight_decay,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        # The CPU path already holds bf16 weights; autocast there costs time and buys nothing.
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_length=spec.max_length,
+        completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows]),
+        eval_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows]),
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(PrinterCallback)  # Tune's callback prints the metrics that matter
+    return trainer
 
 
 def _peak_memory_mb() -> float:

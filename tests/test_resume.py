@@ -1,0 +1,61 @@
+"""Kill the driver (SIGKILL, as a lost head or a killed job does) in the middle of a sweep, run the same
+command again, and check that the sweep resumes: finished trials are kept, not re-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, stop_ray_processes, tiny_sweep_overrides
+
+
+def finished_trial_dirs(tune_dir: Path, evaluations: int) -> list[Path]:
+    if not tune_dir.is_dir():
+        return []
+    return [d for d in tune_dir.iterdir()
+            if (d / "result.json").is_file() and len((d / "result.json").read_text().splitlines()) >= evaluations]
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, tiny_data_dir, tmp_path):
+    args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "resume") + [
+        "sweep.parameters={learning_rate: {values: [3.0e-2, 2.0e-2, 1.0e-2]}}",
+        "sweep.early_terminate={type: none}",  # every trial runs to the end: three full trials expected
+        "eval.merge=false",
+    ]
+    tune_dir = tmp_path / "resume" / "tune"
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
+                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not finished_trial_dirs(tune_dir, 3) and driver.poll() is None:
+            time.sleep(0.5)
+        assert driver.poll() is None, "the sweep ended before it could be interrupted"
+        first_done = finished_trial_dirs(tune_dir, 3)
+        assert len(first_done) == 1, "one trial should have finished when the driver is killed"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert not (tmp_path / "resume" / "leaderboard.json").exists()
+    done_before = (first_done[0] / "result.json").read_text()
+
+    try:
+        proc = run_lora_search(args, ray_tmp)
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming the sweep" in proc.stdout
+    # The finished trial kept its results and was not started again.
+    assert (first_done[0] / "result.json").read_text() == done_before
+    finished_id = json.loads(done_before.splitlines()[-1])["trial_id"]
+    assert f"trial {finished_id} started" not in proc.stdout
+    board = json.loads((tmp_path / "resume" / "leaderboard.json").read_text())
+    trial_rows = [r for r in board["rows"] if r["trial_id"] != "base"]
+    assert len(trial_rows) == 3 and all(r["status"] == "completed" for r in trial_rows)
+    assert sorted(r["learning_rate"] for r in trial_rows) == [1e-2, 2e-2, 3e-2]

@@ -1,0 +1,94 @@
+"""The whole pipeline as a user runs it: `python sweeps/lora_search.py` on a local Ray instance, two trials
+(one cut by ASHA), held-out evaluation, merge, and the leaderboard files."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_lora_search, stop_ray_processes, tiny_sweep_overrides
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    try:
+        proc = run_lora_search(tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, out, "e2e"), ray_tmp)
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "e2e", proc
+
+
+def test_one_leaderboard_row_per_trial_plus_base(finished_sweep):
+    experiment, _ = finished_sweep
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    trial_rows = [r for r in board["rows"] if r["trial_id"] != "base"]
+    base_rows = [r for r in board["rows"] if r["trial_id"] == "base"]
+    assert len(trial_rows) == 2 and len(base_rows) == 1
+    statuses = sorted(r["status"] for r in trial_rows)
+    assert statuses[0] == "completed"
+    assert statuses[1].startswith("stopped by ASHA at rung 0"), statuses
+    stopped = next(r for r in trial_rows if r["status"].startswith("stopped"))
+    assert stopped["learning_rate"] == pytest.approx(1e-7) and stopped["steps"] == 2
+    winner = next(r for r in trial_rows if r["winner"])
+    assert winner["learning_rate"] == pytest.approx(3e-2) and winner["rank"] == 1
+    for row in trial_rows:
+        assert math.isfinite(row["best_eval_loss"]) and row["tokens"] > 0 and row["wall_time_s"] > 0
+        assert row["peak_memory_mb"] > 0
+    assert 0.0 <= winner["exact_match"] <= 1.0 and math.isfinite(winner["heldout_loss"])
+    assert 0.0 <= base_rows[0]["exact_match"] <= 1.0
+    # the trained adapter fits the held-out completions better than the base model does
+    assert winner["heldout_loss"] < base_rows[0]["heldout_loss"]
+    with (experiment / "leaderboard.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    assert (experiment / "leaderboard.md").read_text().count("\n| ") == 4  # header + 3 rows
+
+
+def test_outputs_and_paths_are_printed(finished_sweep):
+    experiment, proc = finished_sweep
+    for name in ("leaderboard.md", "best_adapter", "merged_model"):
+        assert str(experiment / name) in proc.stdout
+    assert (experiment / "config.yaml").is_file() and (experiment / "search_space.json").is_file()
+    generations = (experiment / "eval" / "generations_base.jsonl").read_text().splitlines()
+    assert len(generations) == 18 and {"prompt", "target", "generation", "exact_match"} <= set(json.loads(generations[0]))
+
+
+def test_adapter_artifacts_follow_peft_layout(finished_sweep):
+    experiment, _ = finished_sweep
+    adapter = experiment / "best_adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert "library_name: peft" in (adapter / "README.md").read_text()
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [t for n, t in weights.items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B is initialised to zero: training must move it"
+
+
+def test_merged_model_matches_the_adapter(finished_sweep, tiny_model_dir):
+    experiment, _ = finished_sweep
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = experiment / "merged_model"
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert "base_model_relation: finetune" in (merged_dir / "README.md").read_text()
+    check = json.loads((experiment / "merge_check.json").read_text())
+    assert check["passed"] and check["prompts"] == 8
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    batch = tokenizer(["Query: what is my balance\nIntent:", "Query: set an alarm\nIntent:"], return_tensors="pt", padding=True)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, experiment / "best_adapter").eval()
+    with torch.no_grad():
+        merged_logits = merged(**batch).logits
+        adapter_logits = adapted(**batch).logits
+    # The merged weights are stored in bf16: equal up to bf16 rounding, and the same greedy tokens.
+    assert torch.allclose(merged_logits, adapter_logits, atol=0.1, rtol=0.05)
+    assert torch.equal(merged_logits.argmax(-1), adapter_logits.argmax(-1))

@@ -92,6 +92,7 @@ def run(config, parsed) -> int:
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
     from sweeps.data import load_splits, with_eos
+    from sweeps.search_space import grid_size
     from sweeps.tuner import build_trainable, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card, load_tokenizer, resolve_model_dir
 
@@ -131,6 +132,12 @@ def run(config, parsed) -> int:
                 "max_length": config.data.max_length}
     trainable = build_trainable(settings, splits, config.resources.cpus_per_trial, gpus)
     result_grid = run_sweep(config, parsed, trainable, experiment_dir)
+    expected = grid_size(parsed) if config.sweep.method == "grid" else config.sweep.run_cap
+    if result_grid.num_terminated + result_grid.num_errors < expected:
+        # Tune returns normally after Ctrl-C with its state saved; evaluating half a sweep would mislead.
+        print(f"lora_search: the sweep was interrupted ({result_grid.num_terminated + result_grid.num_errors} of "
+              f"{expected} trials ended); run the same command again to resume", file=sys.stderr)
+        return 130
 
     param_names = list(parsed)
     trials = trial_records(result_grid, config, param_names)

@@ -63,7 +63,7 @@ def run_sweep(config: LorasweepConfig, parsed: dict, trainable, experiment_dir: 
     asha = asha_settings(config)
     scheduler = None
     if asha["enabled"]:
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=asha["max_t"],
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="evaluation", max_t=asha["max_t"],
                                                   grace_period=asha["grace_period"],
                                                   reduction_factor=asha["reduction_factor"])
     grid = config.sweep.method == "grid"
@@ -99,7 +99,7 @@ def trial_records(result_grid, config: LorasweepConfig, param_names: list[str]) 
     for result in result_grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        iterations = metrics.get("training_iteration", 0)
+        iterations = metrics.get("evaluation", 0)
         history = result.metrics_dataframe
         losses = [] if history is None or metric not in history else [v for v in history[metric] if math.isfinite(v)]
         best_loss = (min(losses) if mode == "min" else max(losses)) if losses else None

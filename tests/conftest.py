@@ -90,6 +90,13 @@ def ray_test_env(ray_tmp: Path) -> dict:
     return env
 
 
+def short_ray_tmp() -> Path:
+    """A temp root for a test cluster: short, because Ray's socket paths must stay under 107 bytes."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="lsray", dir="/tmp"))
+
+
 def stop_ray_processes(ray_tmp: Path) -> None:
     """Kill what a killed driver left behind (its local raylet, GCS and workers)."""
     subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from conftest import run_lora_search, stop_ray_processes, tiny_sweep_overrides
+from conftest import run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    ray_tmp = tmp_path_factory.mktemp("ray")
+    ray_tmp = short_ray_tmp()
     try:
         proc = run_lora_search(tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, out, "e2e"), ray_tmp)
     finally:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import resource
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import TrainerCallback
 
 from trainables.lora_presets import target_modules_for
+
+TRIAL_STATE_FILE = "lorasweep_trial_state.json"
 
 
 @dataclass
@@ -51,11 +55,29 @@ class TrialSpec:
 
 def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict], eval_rows: list[dict]) -> None:
     """The Ray Tune function trainable; `settings` and the rows arrive through tune.with_parameters."""
+    from ray import tune
+
     started = time.time()
     spec = TrialSpec.from_tune_config(settings, tune_config)
+    final = _finished_state(tune.get_checkpoint(), spec.max_steps)
+    if final is not None:
+        # The trial had finished when the driver was lost, before Tune's snapshot recorded it: report its
+        # final metrics again instead of training it again. (An unfinished trial starts over.)
+        tune.report(final)
+        return
     trainer = build_trainer(spec, train_rows, eval_rows)
     trainer.add_callback(_ReportToTune(trainer.processing_class, started))
     trainer.train()
+
+
+def _finished_state(checkpoint, max_steps: int) -> dict | None:
+    """The metrics saved with a checkpoint taken at the last step, or None."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state_path = Path(directory) / TRIAL_STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    return state if state.get("step", 0) >= max_steps else None
 
 
 def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str | None = None):
@@ -157,6 +179,8 @@ class _ReportToTune(TrainerCallback):
             raise FloatingPointError(f"eval_loss is {eval_loss} at step {state.global_step}")
         report = {
             "eval_loss": eval_loss,
+            # ASHA's time unit: the evaluation's index, which a restarted trial counts again from 1.
+            "evaluation": state.global_step // args.eval_steps,
             "train_loss": self.last_train_loss,
             "step": state.global_step,
             "tokens": int(state.num_input_tokens_seen),
@@ -166,4 +190,5 @@ class _ReportToTune(TrainerCallback):
         with tempfile.TemporaryDirectory(prefix="lorasweep-adapter-") as adapter_dir:
             model.save_pretrained(adapter_dir)
             self.tokenizer.save_pretrained(adapter_dir)
+            (Path(adapter_dir) / TRIAL_STATE_FILE).write_text(json.dumps(report))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(adapter_dir))

@@ -1,0 +1,43 @@
+"""`ray job submit --working-dir . -- python sweeps/lora_search.py ...` against a real local cluster started
+with `ray start --head`, as a user runs it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PROJECT_ROOT, ray_test_env, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_job_submit_runs_the_sweep_on_a_ray_start_cluster(tiny_model_dir, tiny_data_dir, tmp_path):
+    ray_tmp = short_ray_tmp()
+    env = ray_test_env(ray_tmp)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` is the project's venv
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dashboard_port = free_port(), free_port()
+    try:
+        subprocess.run([str(bin_dir / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                        f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, text=True, timeout=120)
+        args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "job")
+        submit = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}",
+             f"--working-dir={PROJECT_ROOT}", "--", "python", "sweeps/lora_search.py", *args],
+            env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_processes(ray_tmp)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "succeeded" in submit.stdout
+    board = json.loads((tmp_path / "job" / "leaderboard.json").read_text())
+    assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
+    assert (tmp_path / "job" / "merged_model" / "config.json").is_file()

@@ -24,28 +24,24 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 
 
 def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int) -> float:
-    """Mean NLL per completion token, prompt tokens masked: the same loss the trials minimize."""
+    """Mean NLL per completion token on the rows' input_ids/completion_mask (tokenized once by the
+    driver, exactly as the trials trained): the loss the trials minimize, on held-out data."""
     import torch
 
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        ids, labels = [], []
-        for row in chunk:
-            # Prompt with the tokenizer's special tokens, completion without: as TRL tokenizes for training.
-            prompt_ids = tokenizer(row["prompt"])["input_ids"]
-            completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            ids.append(prompt_ids + completion_ids)
-            labels.append([-100] * len(prompt_ids) + completion_ids)
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
-        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        width = max(len(r["input_ids"]) for r in chunk)
+        input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk], device=device)
+        labels = torch.tensor([[t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]
+                               + [-100] * (width - len(r["input_ids"])) for r in chunk], device=device)
+        attention = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in chunk],
+                                 device=device)
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        shifted_logits, shifted_labels = logits[:, :-1], label_ids[:, 1:]
+        shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)),
                                                 shifted_labels.reshape(-1), ignore_index=-100, reduction="sum")
         total_nll += nll.item()

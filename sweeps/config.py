@@ -35,15 +35,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A directory with train/validation/test JSONL files, or give the three files below.
+    # A directory with train/validation/test files (.jsonl, .json, .csv or .parquet), one such file (split
+    # by seed), a `save_to_disk` directory, or a hub dataset id. Or give the split files below.
     dataset_name: str = str(DEFAULT_DATASET_DIR)
     train_file: str = ""
     validation_file: str = ""
     test_file: str = ""
+    # template: prompt_template + target_field; alpaca: instruction/input/output; prompt_completion;
+    # messages: role/content turns rendered with the tokenizer's chat template (loss on the last assistant turn).
+    format: Literal["template", "alpaca", "prompt_completion", "messages"] = "template"
     prompt_template: str = "Query: {text}\nIntent:"
     target_field: str = "intent"
     # Put between the prompt and the target; the tokenizer's EOS token ends the target.
     target_prefix: str = " "
+    messages_field: str = "messages"
+    system_prompt: str = ""
+    # Used when the data has no validation or test split: carved out of train, deterministically by seed.
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
     # Keep only the first N target values in sorted order (0 keeps all). The default is a study that
     # fits a 2-core CPU in minutes: 10 intents, 500 training rows, 80 validation rows for ASHA.
     num_targets: int = 10
@@ -52,6 +61,9 @@ class DataConfig:
     # Held-out prompts for the evaluation stage: a seeded sample across all labels (0 keeps all).
     max_test_rows: int = 120
     max_length: int = 128
+    # Examples longer than max_length tokens are counted and reported, then dropped (their target would
+    # be cut off) or truncated.
+    length_policy: Literal["drop", "truncate"] = "drop"
     seed: int = 42
 
 
@@ -199,8 +211,16 @@ def _check_values(config: LorasweepConfig) -> None:
             f"training.max_steps ({t.max_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "
             f"so that every trial ends on an evaluation; try training.max_steps={t.max_steps - t.max_steps % t.eval_steps or t.eval_steps}"
         )
+    from trainables.lora_presets import TARGET_MODULE_PRESETS
+
+    if t.lora_target_modules not in TARGET_MODULE_PRESETS:
+        raise ConfigError(f"training.lora_target_modules: preset {t.lora_target_modules!r} is unknown; valid presets: "
+                          f"{', '.join(TARGET_MODULE_PRESETS)}")
     if not 0 <= t.lora_dropout < 1:
         raise ConfigError(f"training.lora_dropout: must be in [0, 1), got {t.lora_dropout!r}")
+    for key in ("validation_fraction", "test_fraction"):
+        if not 0 < getattr(config.data, key) < 0.5:
+            raise ConfigError(f"data.{key}: must be between 0 and 0.5, got {getattr(config.data, key)!r}")
     if r.gpus_per_trial != -1 and r.gpus_per_trial < 0:
         raise ConfigError(f"resources.gpus_per_trial: must be -1 (auto), 0 or positive, got {r.gpus_per_trial!r}")
     if s.method != "grid" and e.top_k > s.run_cap:
@@ -234,6 +254,8 @@ def _parse_override(override: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "Q: {question}" is a template string, not a YAML mapping
     return key.strip(), value
 
 

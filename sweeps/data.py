@@ -1,34 +1,138 @@
-"""Read the dataset files and render prompt/completion rows for training, validation and the held-out test."""
+"""Read a dataset (local files, a save_to_disk directory or a hub id), check it, split it, render each
+example as prompt/completion text in the configured format, and tokenize it once for the whole sweep."""
 
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
 from sweeps.config import ConfigError, DataConfig
 
 SPLITS = ("train", "validation", "test")
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# The prompts of the Stanford Alpaca release, which most instruction-tuning notebooks copy.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 class DataError(ConfigError):
     """Bad data: the message names the file, the line and what was found."""
 
 
-def split_files(cfg: DataConfig) -> dict[str, Path]:
-    """The train/validation/test files named by the config (explicit files win over dataset_name)."""
+# ---------------------------------------------------------------- reading
+
+
+def read_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Raw rows per split and where each split came from; fails early on missing files and bad lines."""
     explicit = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
-    files = {}
-    for split in SPLITS:
-        if explicit[split]:
-            files[split] = Path(explicit[split]).expanduser()
-        else:
-            files[split] = Path(cfg.dataset_name).expanduser() / f"{split}.jsonl"
-        if not files[split].is_file():
-            key = f"data.{split}_file" if explicit[split] else "data.dataset_name"
-            raise DataError(f"{key}: dataset file {str(files[split])!r} does not exist "
-                            f"(expected {', '.join(s + '.jsonl' for s in SPLITS)} in a directory, or data.<split>_file)")
-    return files
+    if any(explicit.values()):
+        if not explicit["train"]:
+            raise DataError("data.train_file: give a training file when data.validation_file or data.test_file is set")
+        sources = {split: _existing_file(f"data.{split}_file", path) for split, path in explicit.items() if path}
+        raw = {split: read_file(path) for split, path in sources.items()}
+        origin = {split: str(path) for split, path in sources.items()}
+    else:
+        raw, origin = _read_dataset_name(cfg.dataset_name)
+    return _fill_missing_splits(raw, origin, cfg), origin
+
+
+def _existing_file(key: str, path_text: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise DataError(f"{key}: dataset file {str(path)!r} does not exist")
+    if path.suffix not in FILE_TYPES:
+        raise DataError(f"{key}: {str(path)!r} has an unknown file type; use one of {', '.join(FILE_TYPES)}")
+    return path
+
+
+def _read_dataset_name(name: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return {"train": read_file(_existing_file("data.dataset_name", name))}, {"train": str(path)}
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            return _read_saved_dataset(path)
+        found = {}
+        for split in SPLITS:
+            candidates = [path / f"{split}{suffix}" for suffix in FILE_TYPES if (path / f"{split}{suffix}").is_file()]
+            if candidates:
+                found[split] = candidates[0]
+        if "train" not in found:
+            raise DataError(f"data.dataset_name: {str(path)!r} holds no train file (expected train.jsonl, train.json, "
+                            f"train.csv or train.parquet, optionally with validation.* and test.*)")
+        return {s: read_file(p) for s, p in found.items()}, {s: str(p) for s, p in found.items()}
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise DataError(f"data.dataset_name: {name!r} does not exist (a local file or directory was expected)")
+    return _read_hub_dataset(name)
+
+
+def _read_saved_dataset(path: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    from datasets import Dataset, load_from_disk
+
+    loaded = load_from_disk(str(path))
+    if isinstance(loaded, Dataset):
+        return {"train": loaded.to_list()}, {"train": str(path)}
+    raw = {split: loaded[split].to_list() for split in SPLITS if split in loaded}
+    if "train" not in raw:
+        raise DataError(f"data.dataset_name: the saved dataset {str(path)!r} has splits {list(loaded)}, no 'train'")
+    return raw, {split: f"{path} [{split}]" for split in raw}
+
+
+def _read_hub_dataset(name: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """A hub dataset id: used when the hub is reachable, with a clear error when it is not."""
+    from datasets import load_dataset
+
+    try:
+        loaded = load_dataset(name)
+    except Exception as err:  # offline, unknown id, gated: all end the same way for the user
+        raise DataError(f"data.dataset_name: {name!r} is not a local path and the hub could not load it "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    aliases = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+    raw = {aliases[s]: loaded[s].to_list() for s in loaded if s in aliases}
+    if "train" not in raw:
+        raise DataError(f"data.dataset_name: hub dataset {name!r} has splits {list(loaded)}, no 'train'")
+    return raw, {split: f"{name} [{split}]" for split in raw}
+
+
+def read_file(path: Path) -> list[dict]:
+    """Rows of a JSONL, JSON, CSV or Parquet file. Text files are checked line by line first, because
+    pyarrow's errors name neither the line nor the byte; Parquet is read by `datasets`."""
+    kind = FILE_TYPES[path.suffix]
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    if kind in ("json", "csv"):
+        _check_utf8(path)
+    if kind == "json":
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        return rows
+    from datasets import load_dataset
+
+    return load_dataset(kind, data_files=str(path), split="train").to_list()
+
+
+def _check_utf8(path: Path) -> None:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}); "
+                                f"re-encode the file as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -52,53 +156,155 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+def _fill_missing_splits(raw: dict[str, list[dict]], origin: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
+    """Carve missing validation/test splits out of train, deterministically by data.seed."""
+    missing = [s for s in ("validation", "test") if s not in raw]
+    if not missing:
+        return raw
+    rows = list(raw["train"])
+    random.Random(cfg.seed).shuffle(rows)
+    fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+    for split in missing:
+        count = max(1, round(len(rows) * fractions[split])) if rows else 0
+        raw[split], rows = rows[:count], rows[count:]
+        origin[split] = f"{origin['train']} ({fractions[split]:.0%} split off by data.seed={cfg.seed})"
+    raw["train"] = rows
+    return raw
 
 
-def load_splits(cfg: DataConfig) -> dict[str, list[dict]]:
-    """{split: [{"prompt", "completion", "target"}]} rendered from the config's template and target field;
-    the caller appends the tokenizer's EOS token to each completion (see with_eos)."""
-    files = split_files(cfg)
-    raw = {split: read_jsonl(path) for split, path in files.items()}
-    needed = template_fields(cfg.prompt_template) + [cfg.target_field]
+# ---------------------------------------------------------------- checking and rendering
+
+
+def required_fields(cfg: DataConfig) -> list[str]:
+    if cfg.format == "template":
+        return [name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name] + [cfg.target_field]
+    if cfg.format == "alpaca":
+        return ["instruction", "output"]
+    if cfg.format == "prompt_completion":
+        return ["prompt", "completion"]
+    return [cfg.messages_field]
+
+
+def check_and_filter(raw: dict[str, list[dict]], origin: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
+    """Fields present, label filter and row limits applied, no split empty."""
+    needed = required_fields(cfg)
     for split, rows in raw.items():
         if not rows:
-            raise DataError(f"{files[split]}: the {split} split is empty")
+            raise DataError(f"{origin[split]}: the {split} split is empty")
         missing = [f for f in needed if f not in rows[0]]
         if missing:
-            raise DataError(f"{files[split]}:1: field(s) {missing} used by data.prompt_template/data.target_field "
-                            f"are missing; columns found: {sorted(rows[0])}")
-    if cfg.num_targets:
+            raise DataError(f"{origin[split]}: field(s) {missing} needed by data.format={cfg.format} are missing; "
+                            f"columns found: {sorted(rows[0])}")
+    if cfg.num_targets and cfg.format == "template":
         kept = set(sorted({str(r[cfg.target_field]) for r in raw["train"]})[: cfg.num_targets])
         raw = {split: [r for r in rows if str(r[cfg.target_field]) in kept] for split, rows in raw.items()}
     limits = {"train": cfg.max_train_rows, "validation": cfg.max_validation_rows, "test": cfg.max_test_rows}
     out = {}
     for split, rows in raw.items():
-        if limits[split]:
-            rows = _spread_sample(rows, limits[split], cfg.seed)
+        if limits[split] and len(rows) > limits[split]:
+            # A seeded sample, so that a limit does not keep only the first labels of a file sorted by label.
+            picked = sorted(random.Random(cfg.seed).sample(range(len(rows)), limits[split]))
+            rows = [rows[i] for i in picked]
         if not rows:
-            raise DataError(f"{files[split]}: the {split} split is empty after filtering (data.num_targets={cfg.num_targets})")
-        out[split] = [_render(cfg, row) for row in rows]
+            raise DataError(f"{origin[split]}: the {split} split is empty after filtering "
+                            f"(data.num_targets={cfg.num_targets}); raise data.num_targets or set it to 0")
+        out[split] = rows
     return out
 
 
-def _spread_sample(rows: list[dict], limit: int, seed: int) -> list[dict]:
-    """A seeded random subset, so a row limit does not keep only the first few labels of a sorted file."""
-    import random
-
-    if len(rows) <= limit:
-        return rows
-    picked = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in picked]
+def render(rows: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
+    """{"prompt", "completion", "target"} text per row; the completion ends the way the model must stop
+    (the EOS token, or the chat template's end of turn), so that greedy generation stops after the target."""
+    return [_render_one(row, cfg, tokenizer) for row in rows]
 
 
-def _render(cfg: DataConfig, row: dict) -> dict:
-    target = str(row[cfg.target_field])
-    return {"prompt": cfg.prompt_template.format(**row), "completion": cfg.target_prefix + target, "target": target}
+def _render_one(row: dict, cfg: DataConfig, tokenizer) -> dict:
+    eos = tokenizer.eos_token
+    if cfg.format == "template":
+        target = str(row[cfg.target_field])
+        return {"prompt": cfg.prompt_template.format(**row), "completion": cfg.target_prefix + target + eos, "target": target}
+    if cfg.format == "alpaca":
+        template = ALPACA_WITH_INPUT if str(row.get("input") or "").strip() else ALPACA_NO_INPUT
+        target = str(row["output"])
+        return {"prompt": template.format(instruction=row["instruction"], input=row.get("input") or ""),
+                "completion": target + eos, "target": target}
+    if cfg.format == "prompt_completion":
+        target = str(row["completion"])
+        return {"prompt": str(row["prompt"]), "completion": target + eos, "target": target.strip()}
+    return _render_messages(row[cfg.messages_field], cfg, tokenizer)
 
 
-def with_eos(splits: dict[str, list[dict]], eos_token: str) -> dict[str, list[dict]]:
-    """End every completion with EOS so that greedy generation stops after the target (TRL would add it
-    too; doing it here makes the held-out loss score exactly what the trials trained on)."""
-    return {split: [{**row, "completion": row["completion"] + eos_token} for row in rows] for split, rows in splits.items()}
+def _render_messages(messages: list[dict], cfg: DataConfig, tokenizer) -> dict:
+    """Chat rows: everything before the last assistant turn is the prompt (rendered with the tokenizer's
+    chat template and its generation prompt); the last assistant turn is the completion, so the loss
+    falls on that assistant turn only."""
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+        raise DataError(f"data.messages_field: each row needs a list of {{role, content}} turns ending with an "
+                        f"assistant turn, got {str(messages)[:120]!r}")
+    if tokenizer.chat_template is None:
+        raise DataError("data.format=messages needs a tokenizer with a chat template; this model has none "
+                        "(use data.format=template or prompt_completion)")
+    if cfg.system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": cfg.system_prompt}] + messages
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError("data.format=messages: this chat template renders the conversation differently from its "
+                        "prompt part, so the completion cannot be cut out; use data.format=prompt_completion")
+    return {"prompt": prompt, "completion": full[len(prompt):], "target": str(messages[-1]["content"]).strip()}
+
+
+# ---------------------------------------------------------------- tokenizing once
+
+
+def tokenize(rows: list[dict], tokenizer) -> list[dict]:
+    """input_ids and completion_mask per row, as TRL builds them: the prompt is the common prefix of the
+    tokenized prompt and prompt+completion. Trials get these tokens and skip TRL's own tokenization."""
+    out = []
+    for row in rows:
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        full_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
+        prompt_len = 0
+        while prompt_len < min(len(prompt_ids), len(full_ids)) and prompt_ids[prompt_len] == full_ids[prompt_len]:
+            prompt_len += 1
+        out.append({**row, "input_ids": full_ids, "completion_mask": [0] * prompt_len + [1] * (len(full_ids) - prompt_len)})
+    return out
+
+
+def apply_length_policy(split: str, rows: list[dict], max_length: int, policy: str) -> tuple[list[dict], str | None]:
+    """Drop or truncate examples longer than max_length tokens; returns the rows and a line saying what was done."""
+    long_rows = [r for r in rows if len(r["input_ids"]) > max_length]
+    if not long_rows:
+        return rows, None
+    note = (f"{len(long_rows)} of {len(rows)} {split} examples are longer than data.max_length={max_length} tokens "
+            f"(longest {max(len(r['input_ids']) for r in long_rows)})")
+    if policy == "drop":
+        kept = [r for r in rows if len(r["input_ids"]) <= max_length]
+        if not kept:
+            raise DataError(f"{note}; all were dropped (data.length_policy=drop): raise data.max_length")
+        return kept, note + ": dropped (data.length_policy=drop)"
+    truncated = [{**r, "input_ids": r["input_ids"][:max_length], "completion_mask": r["completion_mask"][:max_length]}
+                 for r in rows]
+    return truncated, note + ": truncated at the end (data.length_policy=truncate)"
+
+
+def overlap_count(train: list[dict], test: list[dict]) -> int:
+    """How many held-out test prompts also occur, word for word, among the training prompts."""
+    seen = {r["prompt"].strip() for r in train}
+    return sum(r["prompt"].strip() in seen for r in test)
+
+
+def prepare_splits(cfg: DataConfig, raw: dict[str, list[dict]], tokenizer, log=print) -> dict[str, list[dict]]:
+    """Render, tokenize once, apply the length policy and warn on train/test overlap."""
+    prepared = {}
+    for split in SPLITS:
+        rows = tokenize(render(raw[split], cfg, tokenizer), tokenizer)
+        rows, note = apply_length_policy(split, rows, cfg.max_length, cfg.length_policy)
+        if note:
+            log(f"[lorasweep] data: {note}")
+        prepared[split] = rows
+    overlap = overlap_count(prepared["train"], prepared["test"])
+    if overlap:
+        log(f"[lorasweep] WARNING: {overlap} of {len(prepared['test'])} held-out test prompts also occur in the "
+            f"training data; their exact match overstates what the model learned")
+    return prepared

@@ -13,12 +13,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # `python sweeps/lora_search.py` puts sweeps/ on sys.path, not the project root that holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from trainables.model_loading import ModelError  # noqa: E402
 
 SMOKE_OVERRIDES = [
     "sweep.run_cap=2", "sweep.max_concurrent_trials=2", "training.max_steps=4", "training.eval_steps=2",
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return run(config, parsed)
-    except ConfigError as err:
+    except (ConfigError, ModelError) as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -86,33 +88,48 @@ def print_plan(config, parsed) -> None:
 
 
 def run(config, parsed) -> int:
+    """Check everything that can be checked without Ray, then start it."""
     import ray
 
-    from eval.leaderboard import build_rows, write_leaderboard
-    from eval.stage import run_evaluation_stage
-    from sweeps.config import save_config
-    from sweeps.data import load_splits, with_eos
-    from sweeps.search_space import grid_size
-    from sweeps.tuner import build_trainable, run_sweep, trial_records
-    from trainables.model_loading import choose_precision, hub_id_for_card, load_tokenizer, resolve_model_dir
+    from sweeps.data import check_and_filter, prepare_splits, read_splits
+    from trainables.model_loading import check_target_modules, load_tokenizer, resolve_model_dir
 
     experiment_dir = config.experiment_dir
-    check_output_dir(experiment_dir)
+    check_output_dir(config.output.dir, experiment_dir)
     check_same_sweep(config, experiment_dir)
-    splits = load_splits(config.data)  # every data error surfaces here, before any model or Ray work
+    raw, origin = read_splits(config.data)  # file and line errors surface here, before any model work
+    raw = check_and_filter(raw, origin, config.data)
     model_dir = resolve_model_dir(config.model.model_name_or_path)
+    check_target_modules(model_dir, searched_presets(config, parsed), config.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
-    splits = with_eos(splits, tokenizer.eos_token)
+    splits = prepare_splits(config.data, raw, tokenizer, log=lambda line: print(line, flush=True))
     print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
-          f"{len(splits['test'])} held-out test rows", flush=True)
+          f"{len(splits['test'])} held-out test rows, tokenized once for all trials", flush=True)
 
-    if not os.environ.get("RAY_ADDRESS"):
+    if not os.environ.get("RAY_ADDRESS") and str(PROJECT_ROOT) not in os.environ.get("PYTHONPATH", ""):
         # A local Ray instance started here: its workers inherit this environment and find the packages.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     # Tune snapshots the experiment at every checkpoint (num_to_keep=1) so that a resume loses nothing;
     # its warning about frequent snapshots is about remote storage and only adds noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        return sweep_and_evaluate(config, parsed, experiment_dir, model_dir, splits)
+    finally:
+        ray.shutdown()  # main() can be called again in the same process (tests, notebooks)
+
+
+def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, splits: dict) -> int:
+    """Everything that needs Ray: resources check, the sweep, the evaluation stage, the leaderboard."""
+    import ray
+
+    from eval.leaderboard import build_rows, write_leaderboard
+    from eval.stage import run_evaluation_stage
+    from sweeps.config import save_config
+    from sweeps.search_space import grid_size
+    from sweeps.tuner import build_trainable, run_sweep, trial_records
+    from trainables.model_loading import choose_precision, hub_id_for_card
+
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     gpus = config.resources.gpus_per_trial
     gpus = (1.0 if cluster_gpus else 0.0) if gpus == -1 else gpus
@@ -164,14 +181,32 @@ def run(config, parsed) -> int:
     return 1 if outcome["merge_error"] or (outcome["merge_check"] and not outcome["merge_check"]["passed"]) else 0
 
 
-def check_output_dir(experiment_dir: Path) -> None:
-    """Fail before any work when the results could not be written."""
-    parent = experiment_dir.parent
-    existing = parent
+def searched_presets(config, parsed: dict) -> set[str]:
+    """Every target-module preset a trial may use."""
+    spec = parsed.get("lora_target_modules")
+    if spec is None:
+        return {config.training.lora_target_modules}
+    return set(spec["values"]) if spec["kind"] == "choice" else {spec["value"]}
+
+
+def check_output_dir(output_dir: str, experiment_dir: Path) -> None:
+    """Fail before any work when the results could not be written, or would land where no one finds them."""
+    if "://" in output_dir:
+        raise ConfigError(f"output.dir: {output_dir!r} is a URI; lorasweep writes to a filesystem path: use a path "
+                          f"that every node mounts (NFS, EFS, a FUSE-mounted bucket)")
+    if not Path(output_dir).expanduser().is_absolute() and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A job's working directory is a temporary copy on the head node: results there would be lost.
+        raise ConfigError(f"output.dir: {output_dir!r} is relative, and this is a Ray job whose working directory "
+                          f"is a temporary copy; give an absolute path on storage every node reaches")
+    existing = experiment_dir
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK) or (experiment_dir.exists() and not os.access(experiment_dir, os.W_OK)):
-        raise ConfigError(f"output.dir: {parent} is not writable; choose another output.dir")
+    if not existing.is_dir():
+        raise ConfigError(f"output.dir: {existing} is a file, not a directory; choose another output.dir")
+    try:  # os.access says yes to root even on read-only mounts: try for real, leaving nothing behind
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise ConfigError(f"output.dir: {existing} is not writable ({err.strerror}); choose another output.dir") from None
 
 
 def check_same_sweep(config, experiment_dir: Path) -> None:

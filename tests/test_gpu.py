@@ -4,7 +4,7 @@ machine only; skipped, and not counted as passing, on CPU."""
 import pytest
 import torch
 
-from test_trial_training import make_spec
+from test_trial_training import make_spec, tokenized_rows
 from trainables.qlora_trial import build_trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -13,11 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_qlora_nf4_on_cuda_trains_the_adapter_only(tiny_model_dir, tiny_data_dir, tmp_path):
     import bitsandbytes as bnb
 
-    from sweeps.config import load_config
-    from sweeps.data import load_splits, with_eos
-
-    config = load_config(None, [f"data.dataset_name={tiny_data_dir}", "data.num_targets=0"])
-    rows = with_eos(load_splits(config.data), "<|endoftext|>")
+    rows = tokenized_rows(tiny_model_dir, tiny_data_dir)
     trainer = build_trainer(make_spec(tiny_model_dir), rows["train"], rows["validation"], output_dir=str(tmp_path))
     layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" for m in layers)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sweeps.config import load_config
-from sweeps.data import load_splits, with_eos
+from sweeps.data import check_and_filter, prepare_splits, read_splits
 from trainables.model_loading import keep_bnb_cpu_training_layout, load_base_model
 from trainables.qlora_trial import TrialSpec, build_trainer
 
@@ -21,9 +21,16 @@ def make_spec(model_dir, **changes) -> TrialSpec:
 
 
 @pytest.fixture(scope="module")
-def rows(tiny_data_dir):
-    config = load_config(None, [f"data.dataset_name={tiny_data_dir}", "data.num_targets=0", "data.max_validation_rows=0"])
-    return with_eos(load_splits(config.data), "<|endoftext|>")
+def rows(tiny_model_dir, tiny_data_dir):
+    return tokenized_rows(tiny_model_dir, tiny_data_dir)
+
+
+def tokenized_rows(model_dir, data_dir) -> dict:
+    from transformers import AutoTokenizer
+
+    config = load_config(None, [f"data.dataset_name={data_dir}", "data.num_targets=0", "data.max_validation_rows=0"])
+    raw, origin = read_splits(config.data)
+    return prepare_splits(config.data, check_and_filter(raw, origin, config.data), AutoTokenizer.from_pretrained(model_dir))
 
 
 @pytest.mark.parametrize("cpu_fallback", ["bf16", "4bit"])

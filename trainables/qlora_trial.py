@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from trainables.lora_presets import target_modules_for
 
 TRIAL_STATE_FILE = "lorasweep_trial_state.json"
+TOKEN_COLUMNS = ("input_ids", "completion_mask")
 
 
 @dataclass
@@ -65,9 +66,11 @@ def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict],
         # final metrics again instead of training it again. (An unfinished trial starts over.)
         tune.report(final)
         return
-    trainer = build_trainer(spec, train_rows, eval_rows)
-    trainer.add_callback(_ReportToTune(trainer.processing_class, started))
-    trainer.train()
+    # Nothing is saved in the trainer's own directory (checkpoints go to Tune), but it wants one.
+    with tempfile.TemporaryDirectory(prefix="lorasweep-trial-") as scratch:
+        trainer = build_trainer(spec, train_rows, eval_rows, output_dir=scratch)
+        trainer.add_callback(_ReportToTune(trainer.processing_class, started))
+        trainer.train()
 
 
 def _finished_state(checkpoint, max_steps: int) -> dict | None:
@@ -80,7 +83,7 @@ def _finished_state(checkpoint, max_steps: int) -> dict | None:
     return state if state.get("step", 0) >= max_steps else None
 
 
-def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str | None = None):
+def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str):
     """Base model (4-bit on CUDA, the configured fallback on CPU) + LoRA + a TRL SFTTrainer on
     prompt/completion rows with the loss on completions only."""
     import torch
@@ -114,8 +117,7 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     model = get_peft_model(model, lora)
 
     args = SFTConfig(
-        # Nothing is saved here (checkpoints go to Tune at each evaluation); the trainer wants a directory.
-        output_dir=output_dir or tempfile.mkdtemp(prefix="lorasweep-trial-"),
+        output_dir=output_dir,
         max_steps=spec.max_steps,
         eval_strategy="steps",
         eval_steps=spec.eval_steps,
@@ -143,8 +145,9 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows]),
-        eval_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows]),
+        # Rows arrive tokenized (once per sweep, by the driver): TRL sees input_ids and skips its tokenization.
+        train_dataset=Dataset.from_list([{k: r[k] for k in TOKEN_COLUMNS} for r in train_rows]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in TOKEN_COLUMNS} for r in eval_rows]),
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)  # Tune's callback prints the metrics that matter

@@ -164,8 +164,9 @@ def _fill_missing_splits(raw: dict[str, list[dict]], origin: dict[str, str], cfg
     rows = list(raw["train"])
     random.Random(cfg.seed).shuffle(rows)
     fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+    total = len(rows)
     for split in missing:
-        count = max(1, round(len(rows) * fractions[split])) if rows else 0
+        count = max(1, round(total * fractions[split])) if rows else 0
         raw[split], rows = rows[:count], rows[count:]
         origin[split] = f"{origin['train']} ({fractions[split]:.0%} split off by data.seed={cfg.seed})"
     raw["train"] = rows

@@ -21,7 +21,8 @@ def merge_adapter(base_dir: str, adapter_dir: Path, out_dir: Path, base_model_id
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     partial = out_dir.with_name(out_dir.name + ".partial")

@@ -2,7 +2,7 @@
 
     python sweeps/make_report.py EXPERIMENT_DIR
 
-Exit codes: 0 written, 2 the directory is not a lorasweep experiment directory.
+Exit codes: 0 written, 1 the report could not be written there, 2 not a lorasweep experiment directory.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotAnExperimentDir as err:
         print(f"make_report: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"make_report: error: cannot write the report into {experiment_dir}: {err}", file=sys.stderr)
+        return 1
     print(report)
     return 0
 

@@ -23,7 +23,7 @@ def write_jsonl(directory: Path, split: str, rows: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory, tiny_data_dir):
+def bad_inputs(tmp_path_factory, tiny_data_dir, tiny_model_dir):
     """The files the cases below point at."""
     root = tmp_path_factory.mktemp("bad")
     good = {s: (tiny_data_dir / f"{s}.jsonl").read_text() for s in ("train", "validation", "test")}
@@ -52,6 +52,10 @@ def bad_inputs(tmp_path_factory, tiny_data_dir):
     paths["bad_yaml"] = bad_yaml
     paths["gguf"] = _unsupported_gguf(root / "gguf")
     paths["gpt2"] = _tiny_gpt2(root / "gpt2")
+    paths["bin_only"] = root / "bin_only"
+    paths["bin_only"].mkdir()
+    (paths["bin_only"] / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (paths["bin_only"] / "pytorch_model.bin").write_bytes(b"not loaded")
     return paths
 
 
@@ -106,6 +110,9 @@ CASES = {
                               r"the test split is empty after filtering \(data.num_targets=2\)"),
     "13 too long": (lambda p: [f"data.dataset_name={p['long']}", "data.max_length=64"],
                     r"3 of 3 train examples are longer than data.max_length=64 tokens.*all were dropped"),
+    "08 hub dataset offline": (["data.dataset_name=someone/no-such-dataset"], r"'someone/no-such-dataset' is not a local path and the hub could not load it"),
+    "15 hub model offline": (["model.model_name_or_path=someone/no-such-model"], r"'someone/no-such-model' is not a local directory and the hub could not load it"),
+    "15 pickled weights only": (lambda p: [f"model.model_name_or_path={p['bin_only']}"], r"has no .safetensors weights"),
     "15 model missing": (["model.model_name_or_path=/nonexistent/model"], r"model.model_name_or_path: '/nonexistent/model' does not exist"),
     "16 gguf unsupported": (lambda p: [f"model.model_name_or_path={p['gguf']}"],
                             r"transformers cannot load the GGUF .*fooarch is not supported"),
@@ -128,6 +135,12 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, bad_inp
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # cases 20 and 21 start a throwaway local Ray instance
     monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path / "cache"))
+    # Hub ids must fail clearly when the hub is out of reach; offline mode makes that fast (the libraries
+    # read the variable at import, so set their constant too).
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     overrides, message = CASES[case]
     overrides = overrides(bad_inputs) if callable(overrides) else overrides
     base = [f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}",

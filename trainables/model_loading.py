@@ -55,6 +55,10 @@ def resolve_model_dir(model_name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} has no config.json; expected a "
                              f"directory written by save_pretrained, a .gguf file or a hub model id")
+        if not any(path.glob("*.safetensors")):
+            # Pickled .bin weights can run code when loaded: lorasweep loads safetensors only.
+            raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} has no .safetensors weights; "
+                             f"re-save it with save_pretrained(..., safe_serialization=True)")
         return str(path.resolve())
     if model_name_or_path.startswith(("/", ".", "~")) or model_name_or_path.count("/") > 1:
         raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} does not exist (a local path was expected)")

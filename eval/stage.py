@@ -99,11 +99,13 @@ def merge_and_check(base_dir: str, adapter_dir: str, experiment_dir: Path, base_
 
     from eval.merge import merge_adapter, write_adapter_card
     from trainables.model_loading import load_base_model, load_tokenizer
+    from trainables.qlora_trial import RESUME_FILES
 
     best_adapter = experiment_dir / "best_adapter"
     partial = best_adapter.with_name("best_adapter.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(adapter_dir, partial)
+    # The adapter and tokenizer only: optimizer and trainer state were there for resuming the trial.
+    shutil.copytree(adapter_dir, partial, ignore=shutil.ignore_patterns(*RESUME_FILES))
     write_adapter_card(partial, base_model_id, summary)
     shutil.rmtree(best_adapter, ignore_errors=True)
     partial.rename(best_adapter)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -115,6 +117,8 @@ class ResourcesConfig:
     gpus_per_trial: float = -1.0
     # The evaluation stage runs as one Ray task after the sweep, when the trials' CPUs are free again.
     eval_cpus: float = 2.0
+    # How often a trial is retried from its last checkpoint after its node or worker process is lost.
+    max_failures: int = 2
 
 
 @dataclass
@@ -144,6 +148,25 @@ class OutputConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers, all off by default; the report needs none of them. TensorBoard needs no key:
+    Tune writes event files for every trial into <experiment>/tune/<trial>/ (tensorboard --logdir <experiment>/tune)."""
+
+    # Weights & Biases through Ray Tune's WandbLoggerCallback: one run per trial, grouped by output.name,
+    # and one run with the held-out generations. Offline, into <experiment>/wandb, unless WANDB_API_KEY is set.
+    wandb: bool = False
+    wandb_project: str = "lorasweep"
+    # MLflow through Ray's MLflowLoggerCallback: one run per trial in the MLflow experiment output.name.
+    mlflow: bool = False
+    # Empty: an SQLite store in the experiment directory (MLflow 3 refuses new ./mlruns file stores).
+    # Credentials go in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, never in the URI.
+    mlflow_tracking_uri: str = ""
+    # The Optuna study (named output.name) in a database that optuna-dashboard opens: "" keeps it in memory,
+    # "default" is sqlite:///<experiment>/optuna.db, or an SQLAlchemy URL (password from PGPASSWORD, not the URL).
+    optuna_storage: str = ""
+
+
+@dataclass
 class LorasweepConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,6 +175,7 @@ class LorasweepConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def experiment_dir(self) -> Path:
@@ -227,6 +251,38 @@ def _check_values(config: LorasweepConfig) -> None:
         raise ConfigError(f"eval.top_k ({e.top_k}) is larger than sweep.run_cap ({s.run_cap}): set eval.top_k<={s.run_cap}")
     if not config.output.name or "/" in config.output.name:
         raise ConfigError(f"output.name: must be a plain directory name, got {config.output.name!r}")
+    _check_tracking(config)
+
+
+def _check_tracking(config: LorasweepConfig) -> None:
+    """Tracker URLs hold no passwords (config.yaml is saved), and the Optuna study needs an Optuna searcher."""
+    tracking = config.tracking
+    if tracking.wandb and not tracking.wandb_project:
+        raise ConfigError("tracking.wandb_project: must not be empty when tracking.wandb=true")
+    mlflow_uri = tracking.mlflow_tracking_uri
+    if mlflow_uri and "://" not in mlflow_uri and mlflow_uri != "databricks":
+        raise ConfigError(f"tracking.mlflow_tracking_uri: {mlflow_uri!r} is not a tracking URI; give one such as "
+                          f"http://host:5000 or sqlite:////abs/mlflow.db, or leave it empty for "
+                          f"<experiment>/mlflow.db")
+    storage = tracking.optuna_storage
+    if storage not in ("", "default") and "://" not in storage:
+        raise ConfigError(f"tracking.optuna_storage: {storage!r} is not a database URL; give '' (off), 'default' "
+                          f"(sqlite:///<experiment>/optuna.db) or a URL such as postgresql://user@host/db")
+    if storage and config.sweep.method == "grid":
+        raise ConfigError("tracking.optuna_storage: sweep.method=grid runs without Optuna, so there is no study to "
+                          "store; use sweep.method=bayes or random, or set tracking.optuna_storage=''")
+    for key, url, where in (("mlflow_tracking_uri", mlflow_uri, "MLFLOW_TRACKING_PASSWORD"),
+                            ("optuna_storage", storage, "the database driver's own, e.g. PGPASSWORD or ~/.pgpass")):
+        if urlsplit(url).password:
+            raise ConfigError(f"tracking.{key}: the URL holds a password, which would be saved in config.yaml; "
+                              f"remove it and give it through the environment ({where})")
+
+
+def check_tracker_packages(config: LorasweepConfig) -> None:
+    """Fail before any work when a tracker is on but its package is not installed."""
+    for key in ("wandb", "mlflow"):  # each config key is also its package's module and lorasweep's extra
+        if getattr(config.tracking, key) and importlib.util.find_spec(key) is None:
+            raise ConfigError(f"tracking.{key}=true needs the {key} package: pip install 'lorasweep[{key}]'")
 
 
 def _read_yaml(config_path: str) -> dict:

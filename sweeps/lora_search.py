@@ -19,7 +19,7 @@ from pathlib import Path
 # `python sweeps/lora_search.py` puts sweeps/ on sys.path, not the project root that holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from sweeps.config import PROJECT_ROOT, ConfigError, check_tracker_packages, load_config  # noqa: E402
 from trainables.model_loading import ModelError  # noqa: E402
 
 SMOKE_OVERRIDES = [
@@ -66,6 +66,7 @@ def resolve(args: argparse.Namespace):
 
     overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.overrides)
     config = load_config(args.config, overrides)
+    check_tracker_packages(config)
     parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
     metric_and_mode(config)
     asha_settings(config)
@@ -105,6 +106,9 @@ def run(config, parsed) -> int:
     splits = prepare_splits(config.data, raw, tokenizer, log=lambda line: print(line, flush=True))
     print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
           f"{len(splits['test'])} held-out test rows, tokenized once for all trials", flush=True)
+    from sweeps.tuner import check_optuna_study  # here, after the quick checks: it imports the trial's libraries
+
+    check_optuna_study(config, experiment_dir)
 
     if not os.environ.get("RAY_ADDRESS") and str(PROJECT_ROOT) not in os.environ.get("PYTHONPATH", ""):
         # A local Ray instance started here: its workers inherit this environment and find the packages.
@@ -124,10 +128,11 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     import ray
 
     from eval.leaderboard import build_rows, write_leaderboard
+    from eval.report import write_report
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
     from sweeps.search_space import grid_size
-    from sweeps.tuner import build_trainable, run_sweep, trial_records
+    from sweeps.tuner import build_trainable, log_generations_to_wandb, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -177,6 +182,9 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
                                    config.model.trust_remote_code))
     rows = build_rows(trials, outcome["results"], param_names, outcome["winner"], config.eval.select_by)
     paths = write_leaderboard(rows, param_names, experiment_dir, title)
+    paths["html"] = write_report(experiment_dir)
+    if config.tracking.wandb:
+        log_generations_to_wandb(config, experiment_dir, outcome["results"])
     print_summary(rows, paths, outcome, experiment_dir)
     return 1 if outcome["merge_error"] or (outcome["merge_check"] and not outcome["merge_check"]["passed"]) else 0
 
@@ -241,7 +249,8 @@ def print_summary(rows: list[dict], paths: dict, outcome: dict, experiment_dir: 
         em = "" if row["exact_match"] is None else f"exact_match={row['exact_match']:.3f} "
         loss = "" if row["best_eval_loss"] is None else f"eval_loss={row['best_eval_loss']:.4f} "
         print(f"  {row['rank'] or '-':>2} {row['trial_id']:<14} {em}{loss}{row['status']}")
-    print(f"\nleaderboard:  {paths['md']}\n              {paths['csv']}\n              {paths['json']}")
+    print(f"\nleaderboard:  {paths['md']}\n              {paths['csv']}\n              {paths['json']}\n"
+          f"report:       {paths['html']}")
     if outcome["winner"] and (experiment_dir / "best_adapter").is_dir():
         print(f"best adapter: {experiment_dir / 'best_adapter'}  (trial {outcome['winner']})")
     if outcome["merge_check"]:

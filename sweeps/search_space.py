@@ -117,8 +117,8 @@ def metric_and_mode(config: LorasweepConfig) -> tuple[str, str]:
     name, goal = metric.get("name", "eval_loss"), metric.get("goal", "minimize")
     if name != "eval_loss":
         raise ConfigError(f"sweep.metric.name: trials report 'eval_loss' at each evaluation, got {name!r}")
-    if goal not in ("minimize", "maximize"):
-        raise ConfigError(f"sweep.metric.goal: {goal!r} is not one of ['minimize', 'maximize']")
+    if goal != "minimize":
+        raise ConfigError(f"sweep.metric.goal: eval_loss is minimized, got {goal!r}; use goal: minimize")
     return name, "min" if goal == "minimize" else "max"
 
 
@@ -143,8 +143,9 @@ def asha_settings(config: LorasweepConfig) -> dict:
             "reduction_factor": eta, "max_t": max_t, "rungs": rungs}
 
 
-def build_search_alg(config: LorasweepConfig, parsed: dict[str, dict]):
-    """Seeded Optuna TPE for bayes, Optuna's random sampler for random, Tune's grid for grid."""
+def build_search_alg(config: LorasweepConfig, parsed: dict[str, dict], storage_url: str = ""):
+    """Seeded Optuna TPE for bayes, Optuna's random sampler for random, Tune's grid for grid. With a storage_url
+    the Optuna study, named output.name, lives in that database instead of in memory."""
     if config.sweep.method == "grid":
         return None  # Tune's BasicVariantGenerator expands grid_search itself
     import optuna
@@ -154,7 +155,13 @@ def build_search_alg(config: LorasweepConfig, parsed: dict[str, dict]):
     seed = config.sweep.seed
     sampler = optuna.samplers.TPESampler(seed=seed) if config.sweep.method == "bayes" else optuna.samplers.RandomSampler(seed=seed)
     # metric and mode go in TuneConfig only: Tune refuses them set twice.
-    searcher = OptunaSearch(sampler=sampler)
+    if storage_url:
+        from sweeps.tuner import StoredStudyOptunaSearch  # a Tune searcher, kept with the other Tune classes
+
+        searcher = StoredStudyOptunaSearch(sampler=sampler, study_name=config.output.name,
+                                           storage=optuna.storages.RDBStorage(storage_url))
+    else:
+        searcher = OptunaSearch(sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=config.sweep.max_concurrent_trials)
 
 

@@ -23,3 +23,46 @@ def test_qlora_nf4_on_cuda_trains_the_adapter_only(tiny_model_dir, tiny_data_dir
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < loss_before
     assert any(not torch.equal(lora_before[n], p) for n, p in trainer.model.named_parameters() if n in lora_before)
+
+
+def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A real CUDA out-of-memory: the process's memory cap is set between what micro-batch B/2 needs and
+    what B needs, measured here first; the trial must finish with B/2 x 2 accumulation and say so."""
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    from trainables.qlora_trial import train_with_micro_batch_fallback
+
+    rows = tokenized_rows(tiny_model_dir, tiny_data_dir)
+    big = 512
+    train_rows = (rows["train"] * 20)[: big * 2]
+
+    def peak_bytes(batch: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        spec = dataclasses.replace(make_spec(tiny_model_dir), per_device_train_batch_size=batch, max_steps=2, eval_steps=2)
+        build_trainer(spec, train_rows, rows["validation"], output_dir=str(tmp_path / f"probe{batch}")).train()
+        return torch.cuda.max_memory_allocated()
+
+    half, full = peak_bytes(big // 2), peak_bytes(big)
+    assert full > half * 1.3, (half, full)  # the cap below must separate the two
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((half + (full - half) * 0.4) / total)
+
+    class Steps(TrainerCallback):
+        tokenizer = None
+        note = ""
+        seen: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+
+    spec = dataclasses.replace(make_spec(tiny_model_dir), per_device_train_batch_size=big, max_steps=2, eval_steps=2)
+    try:
+        note = train_with_micro_batch_fallback(spec, train_rows, rows["validation"], str(tmp_path / "run"), Steps())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert note == f"CUDA out of memory at micro-batch {big}; retried with {big // 2} x 2 accumulation"
+    assert Steps.seen == [(big // 2, 2), (big // 2, 2)]

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import PROJECT_ROOT, ray_test_env, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
@@ -29,11 +30,16 @@ def test_job_submit_runs_the_sweep_on_a_ray_start_cluster(tiny_model_dir, tiny_d
                         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "job")
-        submit = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}",
-             f"--working-dir={PROJECT_ROOT}", "--", "python", "sweeps/lora_search.py", *args],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the head's job agent registers a few seconds after `ray start` returns
+            submit = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}",
+                 f"--working-dir={PROJECT_ROOT}", "--", "python", "sweeps/lora_search.py", *args],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
     finally:
+        # `ray stop` also ends the dashboard and job agents, whose process names do not carry the temp dir.
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         stop_ray_processes(ray_tmp)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]

@@ -60,3 +60,35 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, 
     trial_rows = [r for r in board["rows"] if r["trial_id"] != "base"]
     assert len(trial_rows) == 3 and all(r["status"] == "completed" for r in trial_rows)
     assert sorted(r["learning_rate"] for r in trial_rows) == [1e-2, 2e-2, 3e-2]
+
+
+def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tiny_model_dir, tiny_data_dir, tmp_path):
+    args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "evalcrash")
+    experiment = tmp_path / "evalcrash"
+    ray_tmp = short_ray_tmp()
+    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
+                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        for line in driver.stdout:
+            if "[lorasweep] evaluation stage:" in line:
+                os.killpg(driver.pid, signal.SIGKILL)  # the driver dies as the evaluation stage starts
+                break
+        driver.wait()
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert driver.returncode == -signal.SIGKILL
+    assert not (experiment / "leaderboard.json").exists() and not (experiment / "merged_model").exists()
+    results_before = {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")}
+    assert len(results_before) == 2
+
+    try:
+        proc = run_lora_search(args, ray_tmp)
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")} == results_before  # no trial re-ran
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
+    assert json.loads((experiment / "merge_check.json").read_text())["passed"]
+    assert not list(experiment.glob("*.partial"))  # no half-written output left behind

@@ -72,3 +72,40 @@ def test_lora_gradients_nonzero_after_an_eval_pass_on_4bit_cpu(tiny_model_dir, r
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
     first_layer_grads = [g for n, g in grads.items() if ".layers.0." in n]
     assert first_layer_grads and all(g is not None and g.abs().sum() > 0 for g in first_layer_grads)
+
+
+def test_a_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, rows, tmp_path):
+    """What a retried trial does after a lost node: the adapter, optimizer and schedule come back from the
+    checkpoint and training goes on from its step instead of starting over."""
+    from transformers import TrainerCallback
+
+    from trainables.qlora_trial import save_trial_checkpoint
+
+    spec = make_spec(tiny_model_dir, max_steps=4, eval_steps=2)
+    checkpoint = tmp_path / "checkpoint"
+
+    class SaveAtStep2(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+            if state.global_step == 2:
+                checkpoint.mkdir()
+                save_trial_checkpoint(checkpoint, model, trainer.processing_class, state, optimizer, lr_scheduler, {"step": 2})
+
+    trainer = build_trainer(spec, rows["train"], rows["validation"], output_dir=str(tmp_path / "first"))
+    trainer.add_callback(SaveAtStep2())
+    trainer.train()
+
+    seen = {"steps": [], "lora_b_at_resume": None}
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if seen["lora_b_at_resume"] is None:
+                seen["lora_b_at_resume"] = sum(p.abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen["steps"].append(state.global_step)
+
+    resumed = build_trainer(spec, rows["train"], rows["validation"], output_dir=str(tmp_path / "second"))
+    resumed.add_callback(Watch())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert seen["steps"] == [3, 4]  # only the steps after the checkpoint
+    assert seen["lora_b_at_resume"] > 0  # the trained adapter came back (a fresh LoRA B is all zeros)

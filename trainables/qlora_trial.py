@@ -60,27 +60,55 @@ def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict],
 
     started = time.time()
     spec = TrialSpec.from_tune_config(settings, tune_config)
-    final = _finished_state(tune.get_checkpoint(), spec.max_steps)
-    if final is not None:
-        # The trial had finished when the driver was lost, before Tune's snapshot recorded it: report its
-        # final metrics again instead of training it again. (An unfinished trial starts over.)
-        tune.report(final)
-        return
+    checkpoint = tune.get_checkpoint()
     # Nothing is saved in the trainer's own directory (checkpoints go to Tune), but it wants one.
     with tempfile.TemporaryDirectory(prefix="lorasweep-trial-") as scratch:
-        trainer = build_trainer(spec, train_rows, eval_rows, output_dir=scratch)
-        trainer.add_callback(_ReportToTune(trainer.processing_class, started))
-        trainer.train()
+        resume_dir = None
+        if checkpoint is not None:  # a retry after a lost node, or a sweep resumed after a lost driver
+            resume_dir = Path(scratch) / "resume"
+            checkpoint.to_directory(str(resume_dir))
+            state = json.loads((resume_dir / TRIAL_STATE_FILE).read_text())
+            if state["step"] >= spec.max_steps:
+                # It had finished before Tune's snapshot recorded it: report the final metrics again
+                # instead of training it again.
+                tune.report(state)
+                return
+            print(f"[lorasweep] trial resumes from its checkpoint at step {state['step']}", flush=True)
+        train_with_micro_batch_fallback(spec, train_rows, eval_rows, scratch, _ReportToTune(started), resume_dir)
 
 
-def _finished_state(checkpoint, max_steps: int) -> dict | None:
-    """The metrics saved with a checkpoint taken at the last step, or None."""
-    if checkpoint is None:
+def train_with_micro_batch_fallback(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str,
+                                    callback, resume_dir: Path | None = None) -> str | None:
+    """Train; on CUDA out-of-memory, retry once with half the micro-batch and twice the gradient
+    accumulation (the same effective batch). Returns what was retried, or None."""
+    import gc
+
+    import torch
+
+    trainer = build_trainer(spec, train_rows, eval_rows, output_dir=output_dir)
+    callback.tokenizer = trainer.processing_class
+    trainer.add_callback(callback)
+    resume = str(resume_dir) if resume_dir else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
         return None
-    with checkpoint.as_directory() as directory:
-        state_path = Path(directory) / TRIAL_STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    return state if state.get("step", 0) >= max_steps else None
+    except torch.OutOfMemoryError:
+        if spec.per_device_train_batch_size == 1:
+            raise
+    # Out of the except block, so that the exception's frames no longer hold the failed step's tensors.
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    smaller = dataclasses.replace(spec, per_device_train_batch_size=spec.per_device_train_batch_size // 2,
+                                  gradient_accumulation_steps=spec.gradient_accumulation_steps * 2)
+    note = (f"CUDA out of memory at micro-batch {spec.per_device_train_batch_size}; retried with "
+            f"{smaller.per_device_train_batch_size} x {smaller.gradient_accumulation_steps} accumulation")
+    print(f"[lorasweep] {note}", flush=True)
+    callback.note = note
+    trainer = build_trainer(smaller, train_rows, eval_rows, output_dir=output_dir)
+    trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume)
+    return note
 
 
 def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str):
@@ -165,21 +193,20 @@ def _peak_memory_mb() -> float:
 class _ReportToTune(TrainerCallback):
     """At each evaluation: save the adapter and hand it to Tune with the metrics (ASHA decides here)."""
 
-    def __init__(self, tokenizer, started: float):
-        self.tokenizer = tokenizer
+    def __init__(self, started: float):
+        self.tokenizer = None  # set by train_with_micro_batch_fallback, which builds the trainer
         self.started = started
         self.last_train_loss = float("nan")
+        self.note = ""  # what was retried (an out-of-memory fallback), shown in the leaderboard
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_train_loss = float(logs["loss"])
 
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         from ray import tune
 
         eval_loss = float(metrics["eval_loss"])
-        if not math.isfinite(eval_loss):
-            raise FloatingPointError(f"eval_loss is {eval_loss} at step {state.global_step}")
         report = {
             "eval_loss": eval_loss,
             # ASHA's time unit: the evaluation's index, which a restarted trial counts again from 1.
@@ -189,9 +216,34 @@ class _ReportToTune(TrainerCallback):
             "tokens": int(state.num_input_tokens_seen),
             "wall_time_s": round(time.time() - self.started, 2),
             "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "retry_note": self.note,
         }
-        with tempfile.TemporaryDirectory(prefix="lorasweep-adapter-") as adapter_dir:
-            model.save_pretrained(adapter_dir)
-            self.tokenizer.save_pretrained(adapter_dir)
-            (Path(adapter_dir) / TRIAL_STATE_FILE).write_text(json.dumps(report))
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(adapter_dir))
+        if not math.isfinite(eval_loss):
+            # A diverged trial ends here as failed, reporting the worst loss so that the searcher steers away
+            # from its region. It does not raise: a raise would spend FailureConfig retries, which are for
+            # lost nodes, on a failure that would only repeat.
+            report.update(eval_loss=math.inf, failure=f"eval_loss is {eval_loss} at step {state.global_step}")
+            control.should_training_stop = True
+            tune.report(report)
+            return control
+        with tempfile.TemporaryDirectory(prefix="lorasweep-adapter-") as checkpoint_dir:
+            save_trial_checkpoint(Path(checkpoint_dir), model, self.tokenizer, state, optimizer, lr_scheduler, report)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        return control
+
+
+# What a Tune checkpoint holds besides the PEFT adapter: enough for transformers' Trainer to resume
+# (trainer state, optimizer, scheduler). The evaluation stage copies only the adapter and tokenizer.
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def save_trial_checkpoint(directory: Path, model, tokenizer, state, optimizer, lr_scheduler, report: dict) -> None:
+    """Adapter + tokenizer (PEFT layout) + what Trainer.train(resume_from_checkpoint=...) needs + our metrics."""
+    import torch
+
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    state.save_to_json(str(directory / "trainer_state.json"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), directory / "scheduler.pt")
+    (directory / TRIAL_STATE_FILE).write_text(json.dumps(report))

@@ -1,0 +1,313 @@
+"""The HTML report (eval/report.py, sweeps/make_report.py): fast checks on hand-made experiment directories, and a
+real finished sweep rendered in headless Chromium (table rows, drawn plots, sorting, no console errors, a screenshot)."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+from eval.report import load_experiment, write_report
+
+MAKE_REPORT = PROJECT_ROOT / "sweeps" / "make_report.py"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (apt-get install -y chromium)")
+PARAMS = {"lora_r": {"kind": "choice", "values": [8, 16]},
+          "learning_rate": {"kind": "log_uniform", "min": 1e-4, "max": 1e-2}}
+# ASHA over max_steps=4 / eval_steps=2: two evaluations per trial, one rung at evaluation 1.
+CONFIG_YAML = ("training:\n  max_steps: 4\n  eval_steps: 2\n"
+               "sweep:\n  early_terminate: {type: hyperband, min_iter: 1, eta: 2}\n")
+
+
+def _row(trial_id, rank, lora_r, learning_rate, status, loss, exact_match=None, heldout=None, winner=False):
+    return {"trial_id": trial_id, "lora_r": lora_r, "learning_rate": learning_rate, "status": status,
+            "best_eval_loss": loss, "heldout_loss": heldout, "exact_match": exact_match, "steps": 4, "tokens": 1000,
+            "wall_time_s": 12.5, "peak_memory_mb": 900.0, "winner": winner, "rank": rank}
+
+
+def _minimal_experiment(root: Path) -> Path:
+    """A finished sweep's files without tune/ or merge_check.json: leaderboard, config, generations."""
+    experiment = root / "minimal"
+    (experiment / "eval").mkdir(parents=True)
+    (experiment / "config.yaml").write_text(CONFIG_YAML)
+    (experiment / "search_space.json").write_text(json.dumps(PARAMS))
+    rows = [
+        _row("aaaa0001", 1, 16, 3e-3, "completed", 0.5, 0.75, 0.55, winner=True),
+        _row("aaaa0002", 2, 8, 1e-3, "completed", 0.9, 0.5, 0.95),
+        _row("aaaa0003", 3, 16, 5e-4, "completed", 1.4),
+        _row("aaaa0004", 4, 8, 2e-4, "completed", 2.0),
+        _row("aaaa0005", 5, 8, 1e-4, "stopped by ASHA at rung 0 (evaluation 1 of 2)", 3.0),
+        _row("aaaa0006", 6, 16, 8e-3, "failed: FloatingPointError: eval_loss is nan at step 2", None),
+        {**_row("base", None, None, None, "base model (no adapter)", None, 0.25, 2.5), "steps": 0, "tokens": 0,
+         "wall_time_s": None, "peak_memory_mb": None},
+    ]
+    columns = ["rank", "trial_id", "lora_r", "learning_rate", "status", "best_eval_loss", "heldout_loss", "exact_match",
+               "steps", "tokens", "wall_time_s", "peak_memory_mb", "winner"]
+    (experiment / "leaderboard.json").write_text(json.dumps({"title": "lorasweep leaderboard: minimal",
+                                                              "columns": columns, "rows": rows}))
+    prompts = ["Query: set an alarm\nIntent:", 'Query: <script>alert("x")</script>\nIntent:']
+    for key, hits in (("base", [False, False]), ("aaaa0001", [True, True]), ("aaaa0002", [True, False])):
+        lines = [{"prompt": p, "target": "alarm", "generation": " alarm" if hit else " <b>nope</b>", "exact_match": hit}
+                 for p, hit in zip(prompts, hits)]
+        (experiment / "eval" / f"generations_{key}.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return experiment
+
+
+def _tune_trial(tune_dir: Path, trial_id: str, index: int, params: dict, losses: list[float], done: bool,
+                error: str | None = None) -> None:
+    """A trial directory as Ray Tune writes it: params.json, result.json with a line per evaluation, error.txt."""
+    trial_dir = tune_dir / f"train_qlora_trial_{trial_id}_{index}_lora_r={params['lora_r']}_2026-01-01_00-00-00"
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "params.json").write_text(json.dumps(params))
+    lines = [{"eval_loss": loss, "evaluation": i, "step": 2 * i, "tokens": 100 * i, "wall_time_s": 5.0 * i,
+              "peak_memory_mb": 800.0, "done": done and i == len(losses), "trial_id": trial_id, "config": params}
+             for i, loss in enumerate(losses, start=1)]
+    (trial_dir / "result.json").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    if error:
+        (trial_dir / "error.txt").write_text(f"Failure # 1 (occurred at 2026-01-01_00-00-05)\nTraceback ...\n{error}\n")
+
+
+def test_report_of_a_minimal_experiment_is_self_contained(tmp_path):
+    experiment = _minimal_experiment(tmp_path)
+    report = write_report(experiment)
+    assert report == experiment / "report.html"
+    assert [p.name for p in experiment.iterdir() if p.name.startswith(".report-")] == []  # the temp file was renamed
+    page = report.read_text()
+    for trial_id in [f"aaaa000{i}" for i in range(1, 7)] + ["base"]:
+        assert f'data-trial="{trial_id}"' in page
+    links = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.IGNORECASE)
+    assert links and all(link.startswith("#") for link in links), links
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "<img" not in page
+    # text from the run is escaped, never interpreted
+    assert '<script>alert("x")' not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "<b>nope</b>" not in page and "&lt;b&gt;nope&lt;/b&gt;" in page
+    assert "No tune/ directory" in page and "No merge_check.json" in page
+    assert "FloatingPointError: eval_loss is nan at step 2" in page
+    assert 'id="importance"' in page  # four completed trials: enough for Optuna's importance
+    assert 'id="parallel-coordinates"' in page and 'id="scatter-exact_match-learning_rate"' in page
+    assert "1/2 exact" in page and "2/2 exact" in page and "0/2 exact" in page
+
+
+def test_importance_is_skipped_with_too_few_completed_trials(tmp_path):
+    experiment = _minimal_experiment(tmp_path)
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    board["rows"] = [r for r in board["rows"] if r["trial_id"] not in ("aaaa0003", "aaaa0004")]
+    (experiment / "leaderboard.json").write_text(json.dumps(board))
+    page = write_report(experiment).read_text()
+    assert 'id="importance"' not in page and "needs at least 4 completed trials; this sweep has 2" in page
+
+
+def test_interrupted_sweep_rows_come_from_tune_results(tmp_path):
+    experiment = tmp_path / "interrupted"
+    tune_dir = experiment / "tune"
+    tune_dir.mkdir(parents=True)
+    (experiment / "config.yaml").write_text(CONFIG_YAML)
+    (experiment / "search_space.json").write_text(json.dumps(PARAMS))
+    _tune_trial(tune_dir, "bbbb0001", 1, {"lora_r": 8, "learning_rate": 1e-3}, [2.0, 1.0], done=True)
+    _tune_trial(tune_dir, "bbbb0002", 2, {"lora_r": 16, "learning_rate": 2e-4}, [3.0], done=True)
+    _tune_trial(tune_dir, "bbbb0003", 3, {"lora_r": 8, "learning_rate": 5e-3}, [2.5], done=False)
+    _tune_trial(tune_dir, "bbbb0004", 4, {"lora_r": 16, "learning_rate": 9e-3}, [], done=False,
+                error="RuntimeError: CUDA out of memory")
+    (tune_dir / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")  # Tune's own files are ignored
+
+    exp = load_experiment(experiment)
+    statuses = {r["trial_id"]: r["status"] for r in exp.rows}
+    assert statuses == {
+        "bbbb0001": "completed",
+        "bbbb0002": "stopped by ASHA at rung 0 (evaluation 1 of 2)",
+        "bbbb0003": "unfinished: interrupted after evaluation 1 of 2",
+        "bbbb0004": "failed: RuntimeError: CUDA out of memory",
+    }
+    assert [r["trial_id"] for r in exp.rows][0] == "bbbb0001" and exp.rows[0]["best_eval_loss"] == 1.0
+    page = write_report(experiment).read_text()
+    assert "No leaderboard.json" in page and "No eval/ directory" in page
+    assert page.count('class="stop-mark"') == 1  # the ASHA-stopped trial; the unfinished one is not marked
+
+
+def test_cli_refuses_a_directory_that_is_not_an_experiment(tmp_path):
+    proc = subprocess.run([sys.executable, str(MAKE_REPORT), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert str(tmp_path) in proc.stderr and "not a lorasweep experiment directory" in proc.stderr
+    assert not (tmp_path / "report.html").exists()
+
+
+# -------------------------------------------------------------------------------- a real sweep in Chromium
+
+
+class _Node:
+    def __init__(self, tag: str, attrs: list, parent):
+        self.tag, self.attrs, self.parent, self.children = tag, dict(attrs), parent, []
+
+    def iter(self, tag: str | None = None):
+        if tag is None or self.tag == tag:
+            yield self
+        for child in self.children:
+            yield from child.iter(tag)
+
+    def by_id(self, element_id: str) -> "_Node":
+        return next(n for n in self.iter() if n.attrs.get("id") == element_id)
+
+
+class _DomParser(HTMLParser):
+    """The serialized DOM Chromium dumps, as a tree of tags and attributes (text is not kept)."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.root = self.current = _Node("#document", [], None)
+
+    def handle_starttag(self, tag, attrs):
+        node = _Node(tag, attrs, self.current)
+        self.current.children.append(node)
+        if tag not in self.VOID:
+            self.current = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.current.children.append(_Node(tag, attrs, self.current))
+
+    def handle_endtag(self, tag):
+        node = self.current
+        while node.parent is not None and node.tag != tag:
+            node = node.parent
+        if node.parent is not None:
+            self.current = node.parent
+
+
+def _parse_dom(text: str) -> _Node:
+    parser = _DomParser()
+    parser.feed(text)
+    return parser.root
+
+
+def _chromium(page: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local file with a fresh profile, nothing fetched, console messages on stderr."""
+    with tempfile.TemporaryDirectory(prefix="lorasweep-chromium-") as profile:
+        return subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *flags, page.as_uri()],
+            capture_output=True, text=True, timeout=180)
+
+
+def _console_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+@pytest.fixture(scope="module")
+def relocated_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A finished two-trial sweep, moved to another directory: the report must not need its original paths."""
+    out = tmp_path_factory.mktemp("runs")
+    ray_tmp = short_ray_tmp()
+    try:
+        proc = run_lora_search(tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, out, "report"), ray_tmp)
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    moved = tmp_path_factory.mktemp("copied") / "report-copy"
+    shutil.copytree(out / "report", moved)
+    shutil.rmtree(out / "report")
+    return moved
+
+
+@pytest.fixture(scope="module")
+def rendered(relocated_sweep, tmp_path_factory):
+    """make_report.py on the sweep, then Chromium: the DOM after the page's script ran, and a screenshot."""
+    proc = subprocess.run([sys.executable, str(MAKE_REPORT), str(relocated_sweep)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = Path(proc.stdout.strip())
+    assert report == relocated_sweep.resolve() / "report.html" and report.is_file()
+    dom = _chromium(report, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    screenshot = tmp_path_factory.mktemp("artifacts") / "report.png"
+    shot = _chromium(report, f"--screenshot={screenshot}", "--window-size=1400,3000", "--hide-scrollbars")
+    assert shot.returncode == 0, shot.stderr[-3000:]
+    return {"report": report, "dom": dom, "tree": _parse_dom(dom.stdout), "screenshot": screenshot}
+
+
+@needs_chromium
+def test_rendered_report_shows_every_trial_and_draws_the_plots(rendered, relocated_sweep):
+    tree = rendered["tree"]
+    board = json.loads((relocated_sweep / "leaderboard.json").read_text())
+    rows = list(tree.by_id("leaderboard").iter("tbody"))[0].children
+    assert [r.attrs.get("data-trial") for r in rows] == [r["trial_id"] for r in board["rows"]]
+    assert len(rows) == 3  # two trials and the base model
+
+    curves = tree.by_id("loss-curves")
+    lines = [p for p in curves.iter("path") if "curve" in p.attrs.get("class", "")]
+    assert len(lines) == 2 and all(re.match(r"M[\d.]+,[\d.]+", p.attrs.get("d", "")) for p in lines)
+    evaluations = sum(len((d / "result.json").read_text().splitlines())
+                      for d in (relocated_sweep / "tune").iterdir() if (d / "result.json").is_file())
+    points = list(curves.iter("circle"))
+    assert len(points) == evaluations and all(float(c.attrs["cx"]) > 0 and float(c.attrs["cy"]) > 0 for c in points)
+    assert len([p for p in curves.iter("path") if "stop-mark" in p.attrs.get("class", "")]) == 1  # ASHA's cut
+
+    parallel = tree.by_id("parallel-coordinates")
+    assert len([p for p in parallel.iter("path") if p.attrs.get("d")]) == 2
+    scatters = [s for s in tree.iter("svg") if s.attrs.get("id", "").startswith("scatter-")]
+    assert scatters and all(list(s.iter("circle")) for s in scatters)
+
+    assert list(tree.by_id("generations").iter("tr"))  # base model and winner side by side
+    assert list(tree.by_id("merge-check").iter("tr"))
+
+
+@needs_chromium
+def test_rendered_report_has_no_script_errors(rendered):
+    html_element = next(rendered["tree"].iter("html"))
+    assert html_element.attrs.get("data-js-ready") == "true"  # the page's script ran to its end
+    assert "data-js-errors" not in html_element.attrs, html_element.attrs.get("data-js-errors")
+    assert _console_lines(rendered["dom"]) == []
+
+
+@needs_chromium
+def test_screenshot_is_saved(rendered):
+    data = rendered["screenshot"].read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+    print(f"\nreport screenshot: {rendered['screenshot']}")
+
+
+@needs_chromium
+def test_clicking_a_header_sorts_the_leaderboard(rendered):
+    # A page beside the report clicks the header in an iframe and records the row order after each click.
+    harness = rendered["report"].with_name("sort_check.html")
+    harness.write_text("""<!DOCTYPE html><html><body><iframe id="page" src="report.html"></iframe><script>
+document.getElementById('page').addEventListener('load', function () {
+  var doc = this.contentDocument, orders = [];
+  var header = Array.from(doc.querySelectorAll('#leaderboard thead th'))
+    .find(function (th) { return th.textContent === 'best_eval_loss'; });
+  for (var i = 0; i < 2; i++) {
+    header.click();
+    orders.push(Array.from(doc.querySelectorAll('#leaderboard tbody tr')).map(function (r) { return r.dataset.trial; }).join(','));
+  }
+  document.body.dataset.orders = orders.join(' ');
+});
+</script></body></html>""")
+    try:
+        proc = _chromium(harness, "--dump-dom", "--allow-file-access-from-files")
+    finally:
+        harness.unlink()
+    body = next(_parse_dom(proc.stdout).iter("body"))
+    ascending, descending = body.attrs["data-orders"].split(" ")
+    rows = json.loads((rendered["report"].parent / "leaderboard.json").read_text())["rows"]
+    by_loss = [r["trial_id"] for r in sorted((r for r in rows if r["best_eval_loss"] is not None),
+                                              key=lambda r: r["best_eval_loss"])]
+    # the base model has no eval loss: last in both directions
+    assert ascending.split(",") == by_loss + ["base"]
+    assert descending.split(",") == by_loss[::-1] + ["base"]
+
+
+@needs_chromium
+def test_console_check_sees_script_errors(tmp_path):
+    """The no-errors check above is only worth something if it catches an error."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><script>undefinedFunction();</script></body></html>")
+    lines = _console_lines(_chromium(page, "--dump-dom"))
+    assert any("undefinedFunction is not defined" in line for line in lines), lines

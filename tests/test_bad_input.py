@@ -187,3 +187,13 @@ def test_test_prompts_seen_in_training_are_counted(tiny_model_dir, tiny_data_dir
     prepare_splits(config.data, check_and_filter(raw, origin, config.data), AutoTokenizer.from_pretrained(tiny_model_dir),
                    log=lines.append)
     assert any("WARNING: 48 of 48 held-out test prompts also occur in the training data" in line for line in lines)
+
+
+def test_relative_output_dir_is_refused_inside_a_ray_job(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """Case 18: a job's working directory is a temporary copy, so a relative output.dir would lose the results."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for the entrypoint
+    code = main([f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}", "output.dir=runs"])
+    assert code == 2
+    assert "output.dir: 'runs' is relative, and this is a Ray job" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -85,6 +85,17 @@ def run_lora_search(args: list[str], ray_tmp: Path, timeout: int = 600, **popen)
                           env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_tiny_sweep(model_dir: Path, data_dir: Path, out_dir: Path, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the tiny 2-trial sweep to the end on a throwaway Ray instance; (experiment dir, the finished process)."""
+    ray_tmp = short_ray_tmp()
+    try:
+        proc = run_lora_search(tiny_sweep_overrides(model_dir, data_dir, out_dir, name), ray_tmp)
+    finally:
+        stop_ray_processes(ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out_dir / name, proc
+
+
 def ray_test_env(ray_tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # A throwaway test cluster: no token auth, its own temp dir (so its processes can be found and stopped).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT, run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+from conftest import PROJECT_ROOT, run_tiny_sweep
 from eval.report import load_experiment, write_report
 
 MAKE_REPORT = PROJECT_ROOT / "sweeps" / "make_report.py"
@@ -204,16 +204,10 @@ def _console_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture(scope="module")
 def relocated_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A finished two-trial sweep, moved to another directory: the report must not need its original paths."""
-    out = tmp_path_factory.mktemp("runs")
-    ray_tmp = short_ray_tmp()
-    try:
-        proc = run_lora_search(tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, out, "report"), ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    experiment, _ = run_tiny_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory.mktemp("runs"), "report")
     moved = tmp_path_factory.mktemp("copied") / "report-copy"
-    shutil.copytree(out / "report", moved)
-    shutil.rmtree(out / "report")
+    shutil.copytree(experiment, moved)
+    shutil.rmtree(experiment)
     return moved
 
 

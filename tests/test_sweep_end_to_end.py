@@ -8,19 +8,12 @@ import math
 import pytest
 import torch
 
-from conftest import run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+from conftest import run_tiny_sweep
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    ray_tmp = short_ray_tmp()
-    try:
-        proc = run_lora_search(tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, out, "e2e"), ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out / "e2e", proc
+    return run_tiny_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory.mktemp("runs"), "e2e")
 
 
 def test_one_leaderboard_row_per_trial_plus_base(finished_sweep):

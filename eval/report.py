@@ -730,7 +730,7 @@ def _cost_html(exp: Experiment) -> str:
     else:
         explanation = (f"GPU-seconds were not recorded (resources.gpus_per_trial={_short(gpus) or 'unknown'}: none, or "
                        f"one per trial only when the cluster had GPUs); wall time is the cost measure here.")
-    return (f'<div class="scroll"><table id="cost" class="sortable"><thead><tr>'
+    return ('<div class="scroll"><table id="cost" class="sortable"><thead><tr>'
             + "".join(f"<th>{html.escape(h)}</th>" for h in head)
             + f'</tr></thead><tbody>{"".join(lines)}</tbody><tfoot>{foot}</tfoot></table></div>'
             f'<p class="hint">{html.escape(explanation)} Peak memory is CUDA memory on a GPU, the process\'s '

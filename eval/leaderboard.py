@@ -11,7 +11,8 @@ from pathlib import Path
 
 from eval.stage import BASE_ROW_ID
 
-METRIC_COLUMNS = ["best_eval_loss", "heldout_loss", "exact_match", "steps", "tokens", "wall_time_s", "peak_memory_mb"]
+METRIC_COLUMNS = ["best_eval_loss", "heldout_loss", "exact_match", "steps", "tokens", "wall_time_s", "startup_s",
+                  "peak_memory_mb"]
 
 
 def build_rows(trials: list[dict], eval_results: dict[str, dict], param_names: list[str], winner: str | None,
@@ -30,6 +31,7 @@ def build_rows(trials: list[dict], eval_results: dict[str, dict], param_names: l
             "steps": trial.get("steps"),
             "tokens": trial.get("tokens"),
             "wall_time_s": trial.get("wall_time_s"),
+            "startup_s": trial.get("startup_s"),
             "peak_memory_mb": trial.get("peak_memory_mb"),
             "winner": trial["trial_id"] == winner,
         })
@@ -50,7 +52,7 @@ def build_rows(trials: list[dict], eval_results: dict[str, dict], param_names: l
         base = eval_results[BASE_ROW_ID]
         rows.append({"trial_id": BASE_ROW_ID, **{name: None for name in param_names}, "status": "base model (no adapter)",
                      "best_eval_loss": None, "heldout_loss": base["heldout_loss"], "exact_match": base["exact_match"],
-                     "steps": 0, "tokens": 0, "wall_time_s": None, "peak_memory_mb": None, "winner": False, "rank": None})
+                     "steps": 0, "tokens": 0, "wall_time_s": None, "startup_s": None, "peak_memory_mb": None, "winner": False, "rank": None})
     return rows
 
 

@@ -86,7 +86,11 @@ class TrainingConfig:
     warmup_steps: int = 0
     lr_scheduler_type: Literal["linear", "constant", "cosine", "constant_with_warmup"] = "linear"
     weight_decay: float = 0.0
+    # Off: recomputing activations costs a third more time per step (TRL turns it on by default); the GPU
+    # share per trial is sized from the memory the activations need (resources.gpus_per_trial=-1).
     gradient_checkpointing: bool = False
+    # Batches as one flat sequence without pad tokens (TRL's padding_free): BENCHMARKS.md measures what it pays.
+    padding_free: bool = True
     seed: int = 42
 
 
@@ -113,8 +117,14 @@ class SweepConfig:
 @dataclass
 class ResourcesConfig:
     cpus_per_trial: float = 1.0
-    # -1: one GPU per trial when the cluster has GPUs, none otherwise. Fractions share a GPU.
+    # -1 (auto): as many trials share a GPU as their estimated memory and the GPU node's CPUs allow (none
+    # when the cluster has no GPU); or a fixed share: 1 is a GPU per trial, 0.25 four trials per GPU.
     gpus_per_trial: float = -1.0
+    # The most trials auto mode puts on one GPU: past a point, trials only slow each other down.
+    max_trials_per_gpu: int = 16
+    # Ray Tune runs a new trial in the finished trial's worker process, which keeps its imports and the loaded
+    # (4-bit) base model: a later trial starts in a second or two instead of loading everything again.
+    reuse_actors: bool = True
     # The evaluation stage runs as one Ray task after the sweep, when the trials' CPUs are free again.
     eval_cpus: float = 2.0
     # How often a trial is retried from its last checkpoint after its node or worker process is lost.
@@ -223,6 +233,7 @@ def _check_values(config: LorasweepConfig) -> None:
         "sweep.run_cap": s.run_cap,
         "sweep.max_concurrent_trials": s.max_concurrent_trials,
         "resources.cpus_per_trial": r.cpus_per_trial,
+        "resources.max_trials_per_gpu": r.max_trials_per_gpu,
         "eval.top_k": e.top_k,
         "eval.batch_size": e.batch_size,
         "eval.max_new_tokens": e.max_new_tokens,

@@ -131,21 +131,20 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
+    from sweeps.gpu_share import choose_gpus_per_trial
     from sweeps.search_space import grid_size
     from sweeps.tuner import build_trainable, log_generations_to_wandb, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
 
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = config.resources.gpus_per_trial
-    gpus = (1.0 if cluster_gpus else 0.0) if gpus == -1 else gpus
-    if gpus > cluster_gpus:
-        raise ConfigError(f"resources.gpus_per_trial={gpus} but the Ray cluster has {cluster_gpus:g} GPUs; "
-                          f"trials would stay pending forever. Set resources.gpus_per_trial<={cluster_gpus:g}")
+    longest_example = max(len(row["input_ids"]) for rows in (splits["train"], splits["validation"]) for row in rows)
+    # Sized for the path trials take on a GPU; without a GPU share the estimate is not used.
+    gpus, why = choose_gpus_per_trial(config, parsed, model_dir, "4bit" if config.model.load_in_4bit else "bf16",
+                                      longest_example)
     if config.model.load_in_4bit and gpus == 0 and config.model.cpu_fallback == "refuse":
         raise ConfigError("model.load_in_4bit=true needs CUDA, the trials get no GPU and model.cpu_fallback=refuse; "
                           "set model.cpu_fallback=bf16 (LoRA on a bf16 base) or 4bit (bitsandbytes on CPU)")
     precision, path_line = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, gpus > 0)
-    print(f"[lorasweep] trials: {path_line}", flush=True)
+    print(f"[lorasweep] trials: {path_line}; GPU share per trial {gpus:g} ({why})", flush=True)
 
     experiment_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, experiment_dir / "config.yaml")
@@ -175,7 +174,7 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
     eval_options = {**vars(config.eval)}
-    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cluster_gpus else 0)
+    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if gpus else 0)
     outcome = ray.get(stage.remote(model_dir, precision, candidates, splits["test"], eval_options, str(experiment_dir),
                                    hub_id_for_card(config.model.model_name_or_path), config.eval.merge,
                                    config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant,

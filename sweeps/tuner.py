@@ -129,6 +129,9 @@ def run_sweep(config: LorasweepConfig, parsed: dict, trainable, experiment_dir: 
             # A grid runs each combination once; run_cap counts samples otherwise (W&B semantics).
             num_samples=1 if grid else config.sweep.run_cap,
             max_concurrent_trials=config.sweep.max_concurrent_trials,
+            # A new trial runs in a finished trial's process, keeping its imports and loaded base model
+            # (trainables/base_model_cache.py).
+            reuse_actors=config.resources.reuse_actors,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR_NAME,
@@ -269,6 +272,9 @@ def trial_records(result_grid, config: LorasweepConfig, param_names: list[str]) 
             "tokens": metrics.get("tokens"),
             "wall_time_s": metrics.get("wall_time_s"),
             "peak_memory_mb": metrics.get("peak_memory_mb"),
+            "startup_s": metrics.get("startup_s"),
+            "trial_in_process": metrics.get("trial_in_process"),
+            "train_seconds": metrics.get("train_seconds"),
             "checkpoint_dir": checkpoint.path if checkpoint else None,
         })
     return records

@@ -85,3 +85,18 @@ def test_merged_model_matches_the_adapter(finished_sweep, tiny_model_dir):
     # The merged weights are stored in bf16: equal up to bf16 rounding, and the same greedy tokens.
     assert torch.allclose(merged_logits, adapter_logits, atol=0.1, rtol=0.05)
     assert torch.equal(merged_logits.argmax(-1), adapter_logits.argmax(-1))
+
+
+def test_the_second_trial_reuses_the_first_trials_worker_and_base_model(finished_sweep):
+    """resources.reuse_actors: the next trial runs in the finished trial's process, with its imports and loaded
+    base, so it reaches its first optimizer step sooner."""
+    experiment, proc = finished_sweep
+    last_results = [json.loads(path.read_text().splitlines()[-1])
+                    for path in sorted((experiment / "tune").glob("*/result.json"))]
+    by_order = sorted(last_results, key=lambda result: result["trial_in_process"])
+    assert [r["trial_in_process"] for r in by_order] == [1, 2]
+    first, second = by_order
+    assert 0 < second["startup_s"] < first["startup_s"], (first["startup_s"], second["startup_s"])
+    assert "base model reused from this worker's previous trial" in proc.stdout + proc.stderr
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    assert all(row["startup_s"] > 0 for row in board["rows"] if row["trial_id"] != "base")

@@ -109,3 +109,49 @@ def test_a_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, rows, tmp_path
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert seen["steps"] == [3, 4]  # only the steps after the checkpoint
     assert seen["lora_b_at_resume"] > 0  # the trained adapter came back (a fresh LoRA B is all zeros)
+
+
+def _eval_losses(trainer) -> list[float]:
+    return [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+
+
+@pytest.mark.parametrize("cpu_fallback", ["bf16", "4bit"])
+def test_a_reused_base_trains_exactly_like_a_fresh_one(tiny_model_dir, rows, tmp_path, cpu_fallback):
+    """A reused Ray actor keeps the loaded base for its next trial (trainables/base_model_cache.py): the previous
+    trial's adapter must be gone and the next trial must not be able to tell the difference."""
+    from peft.tuners.lora import LoraLayer
+
+    from trainables.base_model_cache import release_base_model
+
+    spec = make_spec(tiny_model_dir, cpu_fallback=cpu_fallback, lora_target_modules="attn_qv", lora_r=4)
+    other = dataclasses.replace(spec, lora_target_modules="all_linear", lora_r=8, learning_rate=1e-2)
+
+    release_base_model()
+    fresh = build_trainer(spec, rows["train"], rows["validation"], output_dir=str(tmp_path / "a"))
+    fresh.train()
+    in_between = build_trainer(other, rows["train"], rows["validation"], output_dir=str(tmp_path / "b"))
+    in_between.train()
+    reused = build_trainer(spec, rows["train"], rows["validation"], output_dir=str(tmp_path / "c"))
+    lora_layers = [name for name, module in reused.model.named_modules() if isinstance(module, LoraLayer)]
+    assert lora_layers and all(name.endswith(("q_proj", "v_proj")) for name in lora_layers), \
+        "the all_linear adapter of the trial in between must have been taken off"
+    reused.train()
+    assert _eval_losses(reused) == _eval_losses(fresh) and len(_eval_losses(fresh)) == 2
+    release_base_model()
+
+
+def test_padding_free_batches_give_the_padded_loss(tiny_model_dir, rows, tmp_path):
+    """Padding-free batches are one flat sequence per batch: transformers must keep the examples apart."""
+    from trainables.base_model_cache import release_base_model
+
+    padded = build_trainer(make_spec(tiny_model_dir, padding_free=False), rows["train"], rows["validation"],
+                           output_dir=str(tmp_path / "padded"))
+    padded_loss = padded.evaluate()["eval_loss"]
+    flat = build_trainer(make_spec(tiny_model_dir, padding_free=True), rows["train"], rows["validation"],
+                         output_dir=str(tmp_path / "flat"))
+    batch = next(iter(flat.get_eval_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # really one flat sequence
+    flat_loss = flat.evaluate()["eval_loss"]
+    print(f"padded {padded_loss} flat {flat_loss}")
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-3)
+    release_base_model()

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import resource
-import tempfile
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
-from transformers import TrainerCallback
+# When this process began importing the trial code: a trial's start-up (to its first optimizer step)
+# counts the imports for the first trial in a process, not for later trials on a reused Ray actor.
+MODULE_IMPORTED_AT = time.time()
 
-from trainables.lora_presets import target_modules_for
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import resource  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from transformers import TrainerCallback  # noqa: E402
+
+from trainables.lora_presets import target_modules_for  # noqa: E402
 
 TRIAL_STATE_FILE = "lorasweep_trial_state.json"
+_trials_in_process = 0  # trials this process has started: more than one on a reused Ray actor
 TOKEN_COLUMNS = ("input_ids", "completion_mask")
 
 
@@ -45,6 +51,7 @@ class TrialSpec:
     lr_scheduler_type: str
     weight_decay: float
     gradient_checkpointing: bool
+    padding_free: bool
     seed: int
 
     @classmethod
@@ -58,7 +65,10 @@ def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict],
     """The Ray Tune function trainable; `settings` and the rows arrive through tune.with_parameters."""
     from ray import tune
 
-    started = time.time()
+    global _trials_in_process
+    started = MODULE_IMPORTED_AT if _trials_in_process == 0 else time.time()
+    _trials_in_process += 1
+    _reset_peak_memory()  # a reused actor's peak would otherwise be its earlier trials'
     spec = TrialSpec.from_tune_config(settings, tune_config)
     checkpoint = tune.get_checkpoint()
     # Nothing is saved in the trainer's own directory (checkpoints go to Tune), but it wants one.
@@ -122,6 +132,7 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
+    from trainables.base_model_cache import acquire_base_model, remember_adapter
     from trainables.model_loading import choose_precision, load_base_model, load_tokenizer
 
     # One line per evaluation from Tune, not a scroll of library warnings and progress bars per trial.
@@ -131,18 +142,28 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     disable_datasets_progress_bars()
     cuda = torch.cuda.is_available()
     precision, path_line = choose_precision(spec.load_in_4bit, spec.cpu_fallback, cuda)
-    print(f"[lorasweep] trial path: {path_line}", flush=True)
+    device = "cuda" if cuda else "cpu"
 
-    # Seeds before the adapter exists: LoRA's A matrices are drawn from the global RNG.
-    set_seed(spec.seed)
+    def load():
+        model = load_base_model(spec.model_dir, precision, spec.bnb_4bit_quant_type, spec.bnb_4bit_use_double_quant,
+                                spec.trust_remote_code, device=device)
+        if precision == "4bit":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        return model
+
+    key = (spec.model_dir, precision, spec.bnb_4bit_quant_type, spec.bnb_4bit_use_double_quant,
+           spec.trust_remote_code, device, spec.gradient_checkpointing)
+    model, reused = acquire_base_model(key, load)
+    print(f"[lorasweep] trial path: {path_line}" + ("; base model reused from this worker's previous trial"
+                                                    if reused else ""), flush=True)
     tokenizer = load_tokenizer(spec.model_dir, spec.trust_remote_code)
-    model = load_base_model(spec.model_dir, precision, spec.bnb_4bit_quant_type, spec.bnb_4bit_use_double_quant,
-                            spec.trust_remote_code, device="cuda" if cuda else "cpu")
-    if precision == "4bit":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    # Seeds right before the adapter exists (LoRA's A matrices are drawn from the global RNG), so that a
+    # reused base and a freshly loaded one give the same adapter.
+    set_seed(spec.seed)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                       target_modules=target_modules_for(spec.lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    remember_adapter(model)
 
     args = SFTConfig(
         output_dir=output_dir,
@@ -162,7 +183,11 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
         # The CPU path already holds bf16 weights; autocast there costs time and buys nothing.
         bf16=cuda,
         use_cpu=not cuda,
-        max_length=spec.max_length,
+        # Padding-free: each batch is one flat sequence with position_ids restarting per example, so no compute
+        # goes to pad tokens; transformers' attention masks keep the examples apart (also with SDPA). Rows are
+        # already cut to data.max_length by the driver, and TRL refuses a max_length it would not enforce.
+        padding_free=spec.padding_free,
+        max_length=None if spec.padding_free else spec.max_length,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -182,6 +207,13 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     return trainer
 
 
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _peak_memory_mb() -> float:
     import torch
 
@@ -198,6 +230,18 @@ class _ReportToTune(TrainerCallback):
         self.started = started
         self.last_train_loss = float("nan")
         self.note = ""  # what was retried (an out-of-memory fallback), shown in the leaderboard
+        self.startup_s = None  # trial start (its imports, for a process's first trial) to the first optimizer step
+        self.train_seconds = 0.0  # time inside optimizer steps, without evaluations and checkpoints
+        self.step_began = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_began = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        self.train_seconds += now - self.step_began
+        if self.startup_s is None:
+            self.startup_s = round(now - self.started, 2)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -216,6 +260,9 @@ class _ReportToTune(TrainerCallback):
             "tokens": int(state.num_input_tokens_seen),
             "wall_time_s": round(time.time() - self.started, 2),
             "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "startup_s": self.startup_s,
+            "trial_in_process": _trials_in_process,  # 1 for a new worker process, more on a reused actor
+            "train_seconds": round(self.train_seconds, 2),
             "retry_note": self.note,
         }
         if not math.isfinite(eval_loss):

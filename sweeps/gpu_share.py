@@ -1,0 +1,97 @@
+"""How much of a GPU one trial gets: resources.gpus_per_trial, or with -1 (auto) as many trials per GPU as
+the largest trial of the search space fits in the GPU's memory (estimated from the model's config) and the
+GPU node's CPUs can drive."""
+
+from __future__ import annotations
+
+import math
+
+from sweeps.config import ConfigError, LorasweepConfig
+from trainables.lora_presets import target_modules_for
+from trainables.memory_estimate import estimate_trial_memory
+
+# Leave a tenth of the GPU for what the estimate cannot see (other processes, the evaluation stage's start).
+USABLE_GPU_FRACTION = 0.9
+
+
+def choose_gpus_per_trial(config: LorasweepConfig, parsed: dict, model_dir: str, precision: str,
+                          longest_example: int) -> tuple[float, str]:
+    """(the GPU share per trial, a line saying why). Needs a running Ray cluster."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    share = config.resources.gpus_per_trial
+    if share != -1:
+        if share > cluster_gpus:
+            raise ConfigError(f"resources.gpus_per_trial={share} but the Ray cluster has {cluster_gpus:g} GPUs; "
+                              f"trials would stay pending forever. Set resources.gpus_per_trial<={cluster_gpus:g}")
+        return share, f"resources.gpus_per_trial={share:g}"
+    if not cluster_gpus:
+        return 0.0, "the Ray cluster has no GPU"
+
+    memory = largest_trial_memory(config, parsed, model_dir, precision, longest_example)
+    # Run where a GPU is, with the smallest share Ray accepts, so that it does not wait for a free GPU.
+    gpu_mib = ray.get(ray.remote(num_cpus=0, num_gpus=0.0001)(_smallest_gpu_memory_mib).remote())
+    limits = {"GPU memory": math.floor(gpu_mib * USABLE_GPU_FRACTION / memory.total_mib),
+              "the GPU node's CPUs": math.floor(_cpus_per_gpu() / config.resources.cpus_per_trial),
+              "resources.max_trials_per_gpu": config.resources.max_trials_per_gpu}
+    limit = min(limits, key=limits.get)
+    per_gpu = max(1, limits[limit])
+    by_memory = limits["GPU memory"]
+    why = (f"{per_gpu} trial(s) per GPU, limited by {limit}: the largest trial needs about "
+           f"{memory.total_mib:,.0f} MiB (estimate) of {gpu_mib:,} MiB")
+    if by_memory < 1:
+        why += ("; more than the GPU has, so expect the out-of-memory retry with a smaller micro-batch, or lower "
+                "training.per_device_train_batch_size, or set training.gradient_checkpointing=true")
+    # Ray keeps four decimals of a resource: round down so that per_gpu shares never exceed one GPU.
+    return math.floor(10_000 / per_gpu) / 10_000, why
+
+
+def largest_trial_memory(config: LorasweepConfig, parsed: dict, model_dir: str, precision: str, longest_example: int):
+    """The estimate for the most memory-hungry corner of the search space."""
+    training = config.training
+    presets = _values(parsed, "lora_target_modules", training.lora_target_modules)
+    return max((estimate_trial_memory(
+        model_dir, precision,
+        lora_r=max(_values(parsed, "lora_r", training.lora_r)),
+        target_modules=target_modules_for(preset),
+        batch_size=max(_values(parsed, "per_device_train_batch_size", training.per_device_train_batch_size)),
+        eval_batch_size=training.per_device_eval_batch_size,
+        seq_len=longest_example,
+        gradient_checkpointing=all(_values(parsed, "gradient_checkpointing", training.gradient_checkpointing)),
+        trust_remote_code=config.model.trust_remote_code,
+    ) for preset in presets), key=lambda memory: memory.total_mib)
+
+
+def _values(parsed: dict, name: str, fixed) -> list:
+    """Every value a searched parameter can take (its bounds for a distribution), or the fixed setting."""
+    spec = parsed.get(name)
+    if spec is None:
+        return [fixed]
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    return [spec["min"], spec["max"]]
+
+
+def _cpus_per_gpu() -> float:
+    """The fewest CPUs per GPU over the cluster's GPU nodes."""
+    import ray
+
+    ratios = [node["Resources"].get("CPU", 0) / node["Resources"]["GPU"]
+              for node in ray.nodes() if node.get("Alive") and node["Resources"].get("GPU")]
+    return min(ratios) if ratios else 1.0
+
+
+def _smallest_gpu_memory_mib() -> int:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return min(int(line) for line in out.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory // 2**20

@@ -64,13 +64,13 @@ def write_leaderboard(rows: list[dict], param_names: list[str], experiment_dir: 
     """leaderboard.{md,csv,json} in the experiment directory, each written to a temp file and renamed."""
     columns = ["rank", "trial_id", *param_names, "status", *METRIC_COLUMNS, "winner"]
     paths = {ext: experiment_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "json")}
-    _atomic_write(paths["json"], json.dumps({"title": title, "columns": columns, "rows": rows}, indent=2, default=str))
+    atomic_write(paths["json"], json.dumps({"title": title, "columns": columns, "rows": rows}, indent=2, default=str))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    _atomic_write(paths["csv"], buffer.getvalue())
-    _atomic_write(paths["md"], render_markdown(rows, columns, title))
+    atomic_write(paths["csv"], buffer.getvalue())
+    atomic_write(paths["md"], render_markdown(rows, columns, title))
     return paths
 
 
@@ -93,7 +93,7 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
     os.replace(partial, path)

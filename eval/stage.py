@@ -50,6 +50,7 @@ def evaluate_candidates(base_dir: str, precision: str, candidates: list[dict], t
             model.eval()
             scored = _score(model, tokenizer, test_rows, eval_options)
         _write_generations(out_dir / f"generations_{row_id}.jsonl", test_rows, scored.pop("predictions"), scored.pop("flags"))
+        scored["seconds"] = round(time.time() - started, 2)
         results[row_id] = scored
         print(f"[lorasweep] eval {index}/{len(order)} {row_id}: exact_match={scored['exact_match']:.3f} "
               f"heldout_loss={scored['heldout_loss']:.4f} ({time.time() - started:.1f}s)", flush=True)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # `python sweeps/lora_search.py` puts sweeps/ on sys.path, not the project root that holds the packages.
@@ -127,7 +128,7 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     """Everything that needs Ray: resources check, the sweep, the evaluation stage, the leaderboard."""
     import ray
 
-    from eval.leaderboard import build_rows, write_leaderboard
+    from eval.leaderboard import atomic_write, build_rows, write_leaderboard
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
@@ -152,7 +153,10 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     settings = {**vars(config.training), **vars(config.model), "model_dir": model_dir,
                 "max_length": config.data.max_length}
     trainable = build_trainable(settings, splits, config.resources.cpus_per_trial, gpus)
+    sweep_started = time.time()
     result_grid = run_sweep(config, parsed, trainable, experiment_dir)
+    # This run's time in Tune (a resumed sweep counts only the part after the resume).
+    timings = {"sweep_seconds": round(time.time() - sweep_started, 2), "gpus_per_trial": gpus}
     expected = grid_size(parsed) if config.sweep.method == "grid" else config.sweep.run_cap
     if result_grid.num_terminated + result_grid.num_errors < expected:
         # Tune returns normally after Ctrl-C with its state saved; evaluating half a sweep would mislead.
@@ -179,6 +183,9 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
                                    hub_id_for_card(config.model.model_name_or_path), config.eval.merge,
                                    config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant,
                                    config.model.trust_remote_code))
+    timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
+    timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
+    atomic_write(experiment_dir / "timings.json", json.dumps(timings, indent=2))
     rows = build_rows(trials, outcome["results"], param_names, outcome["winner"], config.eval.select_by)
     paths = write_leaderboard(rows, param_names, experiment_dir, title)
     paths["html"] = write_report(experiment_dir)

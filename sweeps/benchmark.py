@@ -1,0 +1,330 @@
+"""Run one study two ways on the same GPU and compare them: `baseline` (the plain Ray Tune + TRL sweep of
+sweeps/baseline_sweep.py) and `lorasweep` (sweeps/lora_search.py with its optimizations). BENCHMARKS.md keeps
+the tables.
+
+    python sweeps/benchmark.py baseline  --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
+    python sweeps/benchmark.py lorasweep --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
+    python sweeps/benchmark.py table /tmp/bench
+    python sweeps/benchmark.py make-model --like-tinyllama-1.1b --tokenizer-from DIR --out DIR
+
+Each way runs as its own command (one right after the other), in experiment <output.name>-<way>, and writes
+<output.dir>/benchmark_<way>.json; `table` prints both as Markdown. Figures per way: sweep wall time (Tuner.fit),
+start-up per trial (trial code imported or trial started, to its first optimizer step), training tokens/s per
+trial (non-pad tokens over time inside optimizer steps), aggregate training tokens/s per GPU (all trials'
+tokens over the sweep wall time), peak GPU memory per trial (PyTorch's allocator peak), GPU utilization and
+memory sampled by nvidia-smi every 0.5 s, best held-out eval loss, and the exact match of the trial with that
+loss, scored by the same evaluation code for both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.config import PROJECT_ROOT, load_config  # noqa: E402
+
+WAYS = ("baseline", "lorasweep")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for way in WAYS:
+        run = sub.add_parser(way, help=f"run the study the {way} way")
+        run.add_argument("--config", help="the study: a lora_search.py config")
+        run.add_argument("overrides", nargs="*", help="dotted overrides, applied to both ways alike")
+    table = sub.add_parser("table", help="print the Markdown table of the ways measured in a directory")
+    table.add_argument("directory")
+    model = sub.add_parser("make-model", help="save a randomly initialized TinyLlama-1.1B-shaped model")
+    model.add_argument("--tokenizer-from", required=True, help="a model directory whose tokenizer to use")
+    model.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "table":
+        print(render_table(load_figures(Path(args.directory))))
+        return 0
+    if args.command == "make-model":
+        make_tinyllama_shaped_model(args.tokenizer_from, args.out)
+        return 0
+    config = load_config(args.config, args.overrides)
+    figures = run_way(args.command, args.config, args.overrides, config)
+    out = Path(config.output.dir).expanduser().resolve() / f"benchmark_{args.command}.json"
+    out.write_text(json.dumps(figures, indent=2))
+    print(render_table([figures]))
+    print(f"[benchmark] figures written to {out}")
+    return 0
+
+
+def run_way(way: str, config_path: str | None, overrides: list[str], config) -> dict:
+    name = f"{config.output.name}-{way}"
+    experiment_dir = Path(config.output.dir).expanduser().resolve() / name
+    script = "baseline_sweep.py" if way == "baseline" else "lora_search.py"
+    command = [sys.executable, str(PROJECT_ROOT / "sweeps" / script), *(["--config", config_path] if config_path else []),
+               *overrides, f"output.name={name}"]
+    if way == "lorasweep":
+        command.append("eval.merge=false")  # the merge is not part of the comparison
+    print(f"[benchmark] {way}: {' '.join(command)}", flush=True)
+    sampler = GpuSampler()
+    sampler.start()
+    started = time.time()
+    try:
+        subprocess.run(command, check=True)
+    finally:
+        sampler.stop()
+    command_seconds = round(time.time() - started, 1)
+
+    splits, model_dir = prepared_data(config)
+    if way == "baseline":
+        summary = json.loads((experiment_dir / "baseline.json").read_text())
+        sweep_seconds = summary["sweep_seconds"]
+        best = {"trial_id": summary["best_trial"], "checkpoint_dir": summary["best_checkpoint"]}
+        scores = score_adapter(config, model_dir, best, splits["test"], experiment_dir / "eval")
+        exact_match, eval_seconds = scores["exact_match"], scores["seconds"]
+        estimate_mib = None
+    else:
+        timings = json.loads((experiment_dir / "timings.json").read_text())
+        sweep_seconds = timings["sweep_seconds"]
+        rows = json.loads((experiment_dir / "leaderboard.json").read_text())["rows"]
+        trial_rows = [r for r in rows if r["trial_id"] != "base" and r["best_eval_loss"] is not None]
+        best_row = min(trial_rows, key=lambda r: r["best_eval_loss"])
+        exact_match = best_row["exact_match"]
+        eval_seconds = _eval_seconds_per_adapter(experiment_dir)
+        estimate_mib = _estimated_trial_mib(config, model_dir, splits)
+    trials = read_trials(experiment_dir / "tune")
+    return summarize(way, config, trials, splits, sweep_seconds, command_seconds, exact_match, eval_seconds,
+                     estimate_mib, sampler)
+
+
+def prepared_data(config):
+    """The study's rows exactly as both ways got them (same code, same seed)."""
+    from sweeps.data import check_and_filter, prepare_splits, read_splits
+    from trainables.model_loading import load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model.model_name_or_path)
+    raw, origin = read_splits(config.data)
+    splits = prepare_splits(config.data, check_and_filter(raw, origin, config.data), load_tokenizer(model_dir),
+                            log=lambda line: None)
+    return splits, model_dir
+
+
+def score_adapter(config, model_dir: str, candidate: dict, test_rows: list[dict], out_dir: Path) -> dict:
+    """The baseline's best adapter, scored by lorasweep's evaluation code (the same prompts and normalization)."""
+    import torch
+
+    from eval.stage import evaluate_candidates
+
+    precision = "4bit" if torch.cuda.is_available() and config.model.load_in_4bit else "bf16"
+    results = evaluate_candidates(model_dir, precision, [candidate], test_rows, vars(config.eval), out_dir,
+                                  config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant)
+    return results[candidate["trial_id"]]
+
+
+def _eval_seconds_per_adapter(experiment_dir: Path) -> float | None:
+    """The slowest adapter of the evaluation stage: generation and held-out loss over all test prompts."""
+    timings = json.loads((experiment_dir / "timings.json").read_text())
+    per_model = timings.get("evaluation_seconds_per_model") or {}
+    adapters = [seconds for row_id, seconds in per_model.items() if row_id != "base"]
+    return round(max(adapters), 2) if adapters else None
+
+
+def _estimated_trial_mib(config, model_dir: str, splits: dict) -> float:
+    from sweeps.gpu_share import largest_trial_memory
+    from sweeps.search_space import parse_parameters
+
+    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
+    longest = max(len(r["input_ids"]) for name in ("train", "validation") for r in splits[name])
+    precision = "4bit" if config.model.load_in_4bit else "bf16"
+    return round(largest_trial_memory(config, parsed, model_dir, precision, longest).total_mib)
+
+
+def read_trials(tune_dir: Path) -> list[dict]:
+    """Each trial's last reported result, with its best eval loss over all its reports."""
+    trials = []
+    for result_file in sorted(tune_dir.glob("*/result.json")):
+        results = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if results:
+            trials.append({**results[-1], "best_eval_loss": min(r["eval_loss"] for r in results)})
+    return trials
+
+
+def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds: float, command_seconds: float,
+              exact_match, eval_seconds, estimate_mib, sampler: "GpuSampler") -> dict:
+    import torch
+
+    t = config.training
+    # Non-pad tokens per optimizer step: the same rows per step both ways, whatever the padding.
+    row_tokens = statistics.fmean(len(r["input_ids"]) for r in splits["train"])
+    tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * row_tokens
+    per_trial_rate = [r["step"] * tokens_per_step / r["train_seconds"] for r in trials if r.get("train_seconds")]
+    first = [r["startup_s"] for r in trials if r.get("trial_in_process") == 1 and r.get("startup_s") is not None]
+    later = [r["startup_s"] for r in trials if (r.get("trial_in_process") or 1) > 1 and r.get("startup_s") is not None]
+    gpus = max(torch.cuda.device_count(), 1)
+    return {
+        "way": way,
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})",
+        "versions": _versions(),
+        "model": config.model.model_name_or_path,
+        "trials": len(trials),
+        "max_steps": t.max_steps,
+        "eval_steps": t.eval_steps,
+        "batch": t.per_device_train_batch_size,
+        "total_steps": sum(r["step"] for r in trials),
+        "sweep_seconds": sweep_seconds,
+        "command_seconds": command_seconds,
+        "startup_first_in_process_s": _median(first),
+        "startup_later_s_median": _median(later),
+        "startup_later_s_max": max(later) if later else None,
+        "trials_on_reused_workers": len(later),
+        "train_tokens_per_s_per_trial": _median(per_trial_rate),
+        "train_tokens_per_s_per_gpu": round(sum(r["step"] for r in trials) * tokens_per_step / sweep_seconds / gpus),
+        "peak_memory_mb_per_trial": max((r.get("peak_memory_mb") or 0 for r in trials), default=None),
+        "estimated_trial_mib": estimate_mib,
+        "gpu_utilization_mean": sampler.mean_utilization(),
+        "gpu_memory_used_max_mib": sampler.max_memory_used(),
+        "best_eval_loss": min(r["best_eval_loss"] for r in trials),
+        "exact_match_of_best": exact_match,
+        "test_prompts": len(splits["test"]),
+        "eval_seconds_per_adapter": eval_seconds,
+    }
+
+
+def _median(values: list[float]):
+    return round(statistics.median(values), 2) if values else None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "trl", "peft", "bitsandbytes", "ray", "optuna"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class GpuSampler:
+    """nvidia-smi every 0.5 s while a way runs: utilization (%) and memory used (MiB) of every GPU."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self.process = None
+        self.thread = None
+
+    def start(self) -> None:
+        try:
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "500"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return  # no NVIDIA driver: utilization is reported as not measured
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                utilization, memory = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((utilization, memory))
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait()
+            self.thread.join(timeout=5)
+
+    def mean_utilization(self):
+        return round(statistics.fmean(u for u, _ in self.samples), 1) if self.samples else None
+
+    def max_memory_used(self):
+        return max(m for _, m in self.samples) if self.samples else None
+
+
+ROWS = [
+    ("trials (steps per trial, batch)", lambda f: f"{f['trials']} ({f['max_steps']}, {f['batch']})"),
+    ("optimizer steps run (ASHA stops the rest)", lambda f: f["total_steps"]),
+    ("sweep wall time (Tuner.fit)", lambda f: f"{f['sweep_seconds']:.0f} s"),
+    ("whole command", lambda f: f"{f['command_seconds']:.0f} s"),
+    ("start-up, a worker's first trial (median)", lambda f: _s(f["startup_first_in_process_s"])),
+    ("start-up, later trials on a reused worker (median / max)",
+     lambda f: f"{_s(f['startup_later_s_median'])} / {_s(f['startup_later_s_max'])} ({f['trials_on_reused_workers']} trials)"),
+    ("training tokens/s per trial (median)", lambda f: _n(f["train_tokens_per_s_per_trial"])),
+    ("training tokens/s per GPU (all trials / wall time)", lambda f: _n(f["train_tokens_per_s_per_gpu"])),
+    ("peak GPU memory per trial (allocator peak)", lambda f: _mib(f["peak_memory_mb_per_trial"])),
+    ("estimated memory per trial (sizes the GPU share)", lambda f: _mib(f["estimated_trial_mib"])),
+    ("GPU utilization (mean of samples)", lambda f: "-" if f["gpu_utilization_mean"] is None else f"{f['gpu_utilization_mean']}%"),
+    ("GPU memory used (max of samples)", lambda f: _mib(f["gpu_memory_used_max_mib"])),
+    ("best eval loss", lambda f: f"{f['best_eval_loss']:.4f}"),
+    ("exact match of that trial", lambda f: "-" if f["exact_match_of_best"] is None else
+     f"{100 * f['exact_match_of_best']:.1f}% of {f['test_prompts']}"),
+    ("evaluation per adapter", lambda f: _s(f["eval_seconds_per_adapter"])),
+]
+
+
+def _s(value) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def _n(value) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _mib(value) -> str:
+    return "-" if not value else f"{value:,.0f} MiB"
+
+
+def load_figures(directory: Path) -> list[dict]:
+    found = {way: directory / f"benchmark_{way}.json" for way in WAYS}
+    return [json.loads(path.read_text()) for path in found.values() if path.is_file()]
+
+
+def render_table(figures: list[dict]) -> str:
+    if not figures:
+        return "no benchmark_<way>.json found"
+    head = figures[0]
+    versions = ", ".join(f"{k} {v}" for k, v in head["versions"].items() if v)
+    lines = [f"{head['model']} on {head['device']}, {head['date']}; {versions}", "",
+             "| | " + " | ".join(f["way"] for f in figures) + " |", "| --- |" + " --- |" * len(figures)]
+    for label, cell in ROWS:
+        lines.append(f"| {label} | " + " | ".join(str(cell(f)) for f in figures) + " |")
+    if len(figures) == 2:
+        ratio = figures[0]["sweep_seconds"] / figures[1]["sweep_seconds"]
+        lines.append(f"\n{figures[1]['way']} sweep wall time: {ratio:.2f}x faster than {figures[0]['way']}")
+    return "\n".join(lines)
+
+
+def make_tinyllama_shaped_model(tokenizer_from: str, out: str) -> None:
+    """TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with random bf16 weights and
+    the given tokenizer's vocabulary: throughput costs the same as with real weights."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"[benchmark] {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, random, saved to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

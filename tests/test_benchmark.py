@@ -1,0 +1,45 @@
+"""The benchmark runs both ways of the same study and prints comparable figures (on the CPU here, with the tiny
+model: the figures of BENCHMARKS.md come from a GPU)."""
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import PROJECT_ROOT, ray_test_env, short_ray_tmp, stop_ray_processes
+
+
+def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir, tiny_data_dir, tmp_path):
+    overrides = [
+        f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}", "model.cpu_fallback=bf16",
+        f"output.dir={tmp_path}", "sweep.run_cap=2", "sweep.max_concurrent_trials=1", "training.max_steps=4",
+        "training.eval_steps=2", "training.per_device_train_batch_size=8", "training.per_device_eval_batch_size=8",
+        "data.max_validation_rows=16", "data.max_test_rows=16", "eval.top_k=1", "eval.batch_size=16",
+        "eval.max_new_tokens=6", "resources.eval_cpus=1",
+    ]
+    ray_tmp = short_ray_tmp()
+    try:
+        for way in ("baseline", "lorasweep"):
+            proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), way, "--config",
+                                   str(PROJECT_ROOT / "sweeps" / "configs" / "benchmark.yaml"), *overrides],
+                                  env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        stop_ray_processes(ray_tmp)
+
+    figures = {way: json.loads((tmp_path / f"benchmark_{way}.json").read_text()) for way in ("baseline", "lorasweep")}
+    for way, f in figures.items():
+        assert f["trials"] == 2 and f["total_steps"] > 0, way
+        assert f["sweep_seconds"] > 0 and f["train_tokens_per_s_per_trial"] > 0 and f["train_tokens_per_s_per_gpu"] > 0
+        assert f["startup_first_in_process_s"] > 0
+        assert math.isfinite(f["best_eval_loss"]) and 0.0 <= f["exact_match_of_best"] <= 1.0
+        assert f["test_prompts"] == 16 and f["eval_seconds_per_adapter"] > 0
+    # The baseline starts every trial in a new process; lorasweep's second trial reuses the first one's worker.
+    assert figures["baseline"]["trials_on_reused_workers"] == 0
+    assert figures["lorasweep"]["trials_on_reused_workers"] == 1
+    assert figures["lorasweep"]["startup_later_s_median"] < figures["baseline"]["startup_first_in_process_s"]
+
+    table = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), "table", str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "| | baseline | lorasweep |" in table and "sweep wall time" in table
+    assert "faster than baseline" in table

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions (KV cache on, left padding so every row continues from its own last token)."""
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    progress=None) -> list[str]:
+    """Greedy completions (KV cache on, left padding so every row continues from its own last token).
+    `progress`, a tqdm-like bar, advances by the prompts of each batch."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -19,11 +21,13 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         new_tokens = generated[:, batch["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        if progress is not None:
+            progress.update(len(new_tokens))
     tokenizer.padding_side = "right"
     return outputs
 
 
-def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int) -> float:
+def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int, progress=None) -> float:
     """Mean NLL per completion token on the rows' input_ids/completion_mask (tokenized once by the
     driver, exactly as the trials trained): the loss the trials minimize, on held-out data."""
     import torch
@@ -46,4 +50,6 @@ def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int) -> float:
                                                 shifted_labels.reshape(-1), ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((shifted_labels != -100).sum())
+        if progress is not None:
+            progress.update(len(chunk))
     return total_nll / total_tokens if total_tokens else math.nan

@@ -37,10 +37,12 @@ def evaluate_candidates(base_dir: str, precision: str, candidates: list[dict], t
     model = base
     order = [BASE_ROW_ID] + [c["trial_id"] for c in candidates]
     adapters = {c["trial_id"]: c["checkpoint_dir"] for c in candidates}
+    # Each model: its prompts once for generation and once for the held-out loss.
+    progress = progress_bar(total=2 * len(test_rows) * len(order), desc="evaluation stage (prompts)")
     for index, row_id in enumerate(order, start=1):
         started = time.time()
         if row_id == BASE_ROW_ID:
-            scored = _score(base, tokenizer, test_rows, eval_options)
+            scored = _score(base, tokenizer, test_rows, eval_options, progress)
         else:
             if model is base:
                 model = PeftModel.from_pretrained(base, adapters[row_id], adapter_name=row_id)
@@ -48,21 +50,35 @@ def evaluate_candidates(base_dir: str, precision: str, candidates: list[dict], t
                 model.load_adapter(adapters[row_id], adapter_name=row_id)
             model.set_adapter(row_id)
             model.eval()
-            scored = _score(model, tokenizer, test_rows, eval_options)
+            scored = _score(model, tokenizer, test_rows, eval_options, progress)
         _write_generations(out_dir / f"generations_{row_id}.jsonl", test_rows, scored.pop("predictions"), scored.pop("flags"))
         scored["seconds"] = round(time.time() - started, 2)
         results[row_id] = scored
         print(f"[lorasweep] eval {index}/{len(order)} {row_id}: exact_match={scored['exact_match']:.3f} "
-              f"heldout_loss={scored['heldout_loss']:.4f} ({time.time() - started:.1f}s)", flush=True)
+              f"heldout_loss={scored['heldout_loss']:.4f} ({scored['seconds']:.1f}s)", flush=True)
+    progress.close()
     return results
 
 
-def _score(model, tokenizer, rows: list[dict], options: dict) -> dict:
-    predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], options["max_new_tokens"], options["batch_size"])
+def progress_bar(total: int, desc: str):
+    """tqdm in a plain process; inside a Ray task, Ray's tqdm, which the driver draws as one live bar instead of a
+    scroll of carriage-return lines from the task's captured output."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc)
+
+
+def _score(model, tokenizer, rows: list[dict], options: dict, progress=None) -> dict:
+    predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], options["max_new_tokens"],
+                                  options["batch_size"], progress)
     flags = exact_match_flags(predictions, [r["target"] for r in rows], **normalization_options(options))
     return {
         "exact_match": sum(flags) / len(flags),
-        "heldout_loss": heldout_loss(model, tokenizer, rows, options["batch_size"]),
+        "heldout_loss": heldout_loss(model, tokenizer, rows, options["batch_size"], progress),
         "n": len(rows),
         "predictions": predictions,
         "flags": flags,

@@ -100,3 +100,11 @@ def test_the_second_trial_reuses_the_first_trials_worker_and_base_model(finished
     assert "base model reused from this worker's previous trial" in proc.stdout + proc.stderr
     board = json.loads((experiment / "leaderboard.json").read_text())
     assert all(row["startup_s"] > 0 for row in board["rows"] if row["trial_id"] != "base")
+
+
+def test_the_evaluation_stage_shows_a_progress_bar(finished_sweep):
+    """Ray's tqdm in the evaluation task: the driver draws one bar over every model's prompts."""
+    _, proc = finished_sweep
+    output = proc.stdout + proc.stderr
+    assert "evaluation stage (prompts)" in output
+    assert "100%" in output[output.index("evaluation stage (prompts)"):], "the bar reaches every model's prompts"

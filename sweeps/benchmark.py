@@ -98,7 +98,7 @@ def run_way(way: str, config_path: str | None, overrides: list[str], config) -> 
         trial_rows = [r for r in rows if r["trial_id"] != "base" and r["best_eval_loss"] is not None]
         best_row = min(trial_rows, key=lambda r: r["best_eval_loss"])
         exact_match = best_row["exact_match"]
-        eval_seconds = _eval_seconds_per_adapter(experiment_dir)
+        eval_seconds = _eval_seconds_per_adapter(timings)
         estimate_mib = _estimated_trial_mib(config, model_dir, splits)
     trials = read_trials(experiment_dir / "tune")
     return summarize(way, config, trials, splits, sweep_seconds, command_seconds, exact_match, eval_seconds,
@@ -129,22 +129,20 @@ def score_adapter(config, model_dir: str, candidate: dict, test_rows: list[dict]
     return results[candidate["trial_id"]]
 
 
-def _eval_seconds_per_adapter(experiment_dir: Path) -> float | None:
+def _eval_seconds_per_adapter(timings: dict) -> float | None:
     """The slowest adapter of the evaluation stage: generation and held-out loss over all test prompts."""
-    timings = json.loads((experiment_dir / "timings.json").read_text())
     per_model = timings.get("evaluation_seconds_per_model") or {}
     adapters = [seconds for row_id, seconds in per_model.items() if row_id != "base"]
     return round(max(adapters), 2) if adapters else None
 
 
 def _estimated_trial_mib(config, model_dir: str, splits: dict) -> float:
-    from sweeps.gpu_share import largest_trial_memory
+    from sweeps.gpu_share import largest_trial_memory, longest_row_tokens
     from sweeps.search_space import parse_parameters
 
     parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
-    longest = max(len(r["input_ids"]) for name in ("train", "validation") for r in splits[name])
     precision = "4bit" if config.model.load_in_4bit else "bf16"
-    return round(largest_trial_memory(config, parsed, model_dir, precision, longest).total_mib)
+    return round(largest_trial_memory(config, parsed, model_dir, precision, longest_row_tokens(splits)).total_mib)
 
 
 def read_trials(tune_dir: Path) -> list[dict]:

@@ -47,6 +47,11 @@ def choose_gpus_per_trial(config: LorasweepConfig, parsed: dict, model_dir: str,
     return math.floor(10_000 / per_gpu) / 10_000, why
 
 
+def longest_row_tokens(splits: dict[str, list[dict]]) -> int:
+    """Tokens in the longest training or validation row: the widest batch a trial can meet."""
+    return max(len(row["input_ids"]) for name in ("train", "validation") for row in splits[name])
+
+
 def largest_trial_memory(config: LorasweepConfig, parsed: dict, model_dir: str, precision: str, longest_example: int):
     """The estimate for the most memory-hungry corner of the search space."""
     training = config.training

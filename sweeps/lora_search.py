@@ -132,15 +132,14 @@ def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, spl
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
-    from sweeps.gpu_share import choose_gpus_per_trial
+    from sweeps.gpu_share import choose_gpus_per_trial, longest_row_tokens
     from sweeps.search_space import grid_size
     from sweeps.tuner import build_trainable, log_generations_to_wandb, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
 
-    longest_example = max(len(row["input_ids"]) for rows in (splits["train"], splits["validation"]) for row in rows)
     # Sized for the path trials take on a GPU; without a GPU share the estimate is not used.
     gpus, why = choose_gpus_per_trial(config, parsed, model_dir, "4bit" if config.model.load_in_4bit else "bf16",
-                                      longest_example)
+                                      longest_row_tokens(splits))
     if config.model.load_in_4bit and gpus == 0 and config.model.cpu_fallback == "refuse":
         raise ConfigError("model.load_in_4bit=true needs CUDA, the trials get no GPU and model.cpu_fallback=refuse; "
                           "set model.cpu_fallback=bf16 (LoRA on a bf16 base) or 4bit (bitsandbytes on CPU)")

@@ -16,10 +16,11 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from ray import tune  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from trainables.lora_presets import target_modules_for  # noqa: E402
+from trainables.step_timer import StepTimer  # noqa: E402
 
 
 def train_baseline_trial(config: dict, settings: dict, train_rows: list[dict], eval_rows: list[dict]) -> None:
@@ -66,28 +67,14 @@ def train_baseline_trial(config: dict, settings: dict, train_rows: list[dict], e
             eval_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in eval_rows]),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[ReportEachEvaluation()],
+            callbacks=[ReportEachEvaluation(MODULE_IMPORTED_AT)],
         )
         trainer.train()
 
 
-class ReportEachEvaluation(TrainerCallback):
+class ReportEachEvaluation(StepTimer):
     """tune.report at each evaluation with the adapter as the checkpoint, and the figures BENCHMARKS.md compares
-    (the same keys as lorasweep's trials report)."""
-
-    def __init__(self):
-        self.startup_s = None
-        self.train_seconds = 0.0
-        self.step_began = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_began = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.time()
-        self.train_seconds += now - self.step_began
-        if self.startup_s is None:
-            self.startup_s = round(now - MODULE_IMPORTED_AT, 2)
+    (the same keys as lorasweep's trials report, timed by the same StepTimer)."""
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0

@@ -17,9 +17,8 @@ import warnings  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from transformers import TrainerCallback  # noqa: E402
-
 from trainables.lora_presets import target_modules_for  # noqa: E402
+from trainables.step_timer import StepTimer  # noqa: E402
 
 TRIAL_STATE_FILE = "lorasweep_trial_state.json"
 _trials_in_process = 0  # trials this process has started: more than one on a reused Ray actor
@@ -222,26 +221,15 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class _ReportToTune(TrainerCallback):
+class _ReportToTune(StepTimer):
     """At each evaluation: save the adapter and hand it to Tune with the metrics (ASHA decides here)."""
 
     def __init__(self, started: float):
+        # started: the trial's start (its imports, for a process's first trial)
+        super().__init__(started)
         self.tokenizer = None  # set by train_with_micro_batch_fallback, which builds the trainer
-        self.started = started
         self.last_train_loss = float("nan")
         self.note = ""  # what was retried (an out-of-memory fallback), shown in the leaderboard
-        self.startup_s = None  # trial start (its imports, for a process's first trial) to the first optimizer step
-        self.train_seconds = 0.0  # time inside optimizer steps, without evaluations and checkpoints
-        self.step_began = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_began = time.time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.time()
-        self.train_seconds += now - self.step_began
-        if self.startup_s is None:
-            self.startup_s = round(now - self.started, 2)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

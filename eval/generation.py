@@ -11,19 +11,21 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     `progress`, a tqdm-like bar, advances by the prompts of each batch."""
     import torch
 
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        if progress is not None:
-            progress.update(len(new_tokens))
-    tokenizer.padding_side = "right"
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress.update(len(new_tokens))
+    finally:
+        tokenizer.padding_side = padding_side  # the tokenizer is shared with the held-out loss and the merge check
     return outputs
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
-import os
 from pathlib import Path
 
-from eval.stage import BASE_ROW_ID
+from eval.artifacts import write_json_atomically, write_text_atomically
+from eval.outcomes import BASE_ROW_ID, BASE_STATUS, leaderboard_key
 
 METRIC_COLUMNS = ["best_eval_loss", "heldout_loss", "exact_match", "steps", "tokens", "wall_time_s", "startup_s",
                   "peak_memory_mb"]
@@ -35,42 +33,32 @@ def build_rows(trials: list[dict], eval_results: dict[str, dict], param_names: l
             "peak_memory_mb": trial.get("peak_memory_mb"),
             "winner": trial["trial_id"] == winner,
         })
-
-    def sort_key(row):
-        evaluated = row["exact_match"] is not None
-        loss = row["best_eval_loss"] if _finite(row["best_eval_loss"]) else math.inf
-        if evaluated and select_by == "exact_match":
-            return (0, -row["exact_match"], row["heldout_loss"])
-        if evaluated:
-            return (0, row["heldout_loss"], 0)
-        return (1, loss, 0)
-
-    rows.sort(key=sort_key)
+    rows.sort(key=lambda row: leaderboard_key(row, select_by))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     if BASE_ROW_ID in eval_results:
         base = eval_results[BASE_ROW_ID]
-        rows.append({"trial_id": BASE_ROW_ID, **{name: None for name in param_names}, "status": "base model (no adapter)",
+        rows.append({"trial_id": BASE_ROW_ID, **{name: None for name in param_names}, "status": BASE_STATUS,
                      "best_eval_loss": None, "heldout_loss": base["heldout_loss"], "exact_match": base["exact_match"],
                      "steps": 0, "tokens": 0, "wall_time_s": None, "startup_s": None, "peak_memory_mb": None, "winner": False, "rank": None})
     return rows
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def leaderboard_columns(param_names: list[str]) -> list[str]:
+    return ["rank", "trial_id", *param_names, "status", *METRIC_COLUMNS, "winner"]
 
 
 def write_leaderboard(rows: list[dict], param_names: list[str], experiment_dir: Path, title: str) -> dict[str, Path]:
     """leaderboard.{md,csv,json} in the experiment directory, each written to a temp file and renamed."""
-    columns = ["rank", "trial_id", *param_names, "status", *METRIC_COLUMNS, "winner"]
+    columns = leaderboard_columns(param_names)
     paths = {ext: experiment_dir / f"leaderboard.{ext}" for ext in ("md", "csv", "json")}
-    atomic_write(paths["json"], json.dumps({"title": title, "columns": columns, "rows": rows}, indent=2, default=str))
+    write_json_atomically(paths["json"], {"title": title, "columns": columns, "rows": rows})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    atomic_write(paths["csv"], buffer.getvalue())
-    atomic_write(paths["md"], render_markdown(rows, columns, title))
+    write_text_atomically(paths["csv"], buffer.getvalue())
+    write_text_atomically(paths["md"], render_markdown(rows, columns, title))
     return paths
 
 
@@ -91,9 +79,3 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "\\|")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)

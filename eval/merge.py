@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
+
+from eval.artifacts import directory_written_atomically
 
 
 def write_adapter_card(adapter_dir: Path, base_model_id: str, summary: str) -> None:
@@ -21,22 +21,18 @@ def merge_adapter(base_dir: str, adapter_dir: Path, out_dir: Path, base_model_id
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainables.model_loading import drop_quantization_config
+
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, trust_remote_code=trust_remote_code,
                                                 use_safetensors=True)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial, max_shard_size="2GB")
-    tokenizer.save_pretrained(partial)
-    config_path = partial / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.pop("quantization_config", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2))
-    (partial / "README.md").write_text(
-        f"---\nlibrary_name: transformers\nbase_model: {base_model_id}\nbase_model_relation: finetune\n"
-        f"tags:\n- lorasweep\n---\n\n# Merged model chosen by lorasweep\n\n{summary}\n"
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    with directory_written_atomically(out_dir) as partial:
+        merged.save_pretrained(partial, max_shard_size="2GB")
+        tokenizer.save_pretrained(partial)
+        drop_quantization_config(partial)
+        (partial / "README.md").write_text(
+            f"---\nlibrary_name: transformers\nbase_model: {base_model_id}\nbase_model_relation: finetune\n"
+            f"tags:\n- lorasweep\n---\n\n# Merged model chosen by lorasweep\n\n{summary}\n"
+        )
     return merged

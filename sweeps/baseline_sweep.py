@@ -9,6 +9,7 @@ and the sweep's time and best trial to <output.dir>/<output.name>/baseline.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -41,18 +42,18 @@ def run_baseline(config) -> dict:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.data import check_and_filter, prepare_splits, read_splits
-    from sweeps.search_space import asha_settings, parse_parameters, to_tune_space
+    from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
+    from sweeps.search_space import plan_sweep, to_tune_space
     from trainables.baseline_trial import train_baseline_trial
     from trainables.model_loading import load_tokenizer, resolve_model_dir
 
-    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
+    plan = plan_sweep(config.sweep, config.training)
     model_dir = resolve_model_dir(config.model.model_name_or_path)
     raw, origin = read_splits(config.data)
     # The same rows as lorasweep's sweep; the trials get their text and tokenize it themselves, as TRL does.
     splits = prepare_splits(config.data, check_and_filter(raw, origin, config.data), load_tokenizer(model_dir))
     text = {name: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows] for name, rows in splits.items()}
-    settings = {**vars(config.training), "model_dir": model_dir, "max_length": config.data.max_length}
+    settings = {**dataclasses.asdict(config.training), "model_dir": model_dir, "max_length": config.data.max_length}
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(include_dashboard=False, configure_logging=False)
@@ -62,17 +63,17 @@ def run_baseline(config) -> dict:
             tune.with_parameters(train_baseline_trial, settings=settings, train_rows=text["train"],
                                  eval_rows=text["validation"]),
             {"cpu": config.resources.cpus_per_trial, "gpu": 1 if gpus else 0})
-        asha = asha_settings(config)
+        asha = plan.asha
         experiment_dir = config.experiment_dir
         tuner = tune.Tuner(
             trainable,
-            param_space=to_tune_space(parsed, config.sweep.method),
+            param_space=to_tune_space(plan.parameters, plan.method),
             tune_config=tune.TuneConfig(
                 metric="eval_loss", mode="min", num_samples=config.sweep.run_cap,
                 search_alg=ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=config.sweep.seed)),
                                               max_concurrent=int(gpus) or 1),
-                scheduler=ASHAScheduler(time_attr="evaluation", max_t=asha["max_t"], grace_period=asha["grace_period"],
-                                        reduction_factor=asha["reduction_factor"]),
+                scheduler=ASHAScheduler(time_attr="evaluation", max_t=asha.max_t, grace_period=asha.grace_period,
+                                        reduction_factor=asha.reduction_factor),
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(experiment_dir), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1,

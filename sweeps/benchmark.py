@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.outcomes import BASE_ROW_ID, rank_by_eval_loss  # noqa: E402
 from sweeps.config import PROJECT_ROOT, load_config  # noqa: E402
 
 WAYS = ("baseline", "lorasweep")
@@ -88,16 +89,15 @@ def run_way(way: str, config_path: str | None, overrides: list[str], config) -> 
         summary = json.loads((experiment_dir / "baseline.json").read_text())
         sweep_seconds = summary["sweep_seconds"]
         best = {"trial_id": summary["best_trial"], "checkpoint_dir": summary["best_checkpoint"]}
-        scores = score_adapter(config, model_dir, best, splits["test"], experiment_dir / "eval")
+        scores = score_adapter(config, model_dir, best, splits["test"], experiment_dir)
         exact_match, eval_seconds = scores["exact_match"], scores["seconds"]
         estimate_mib = None
     else:
         timings = json.loads((experiment_dir / "timings.json").read_text())
         sweep_seconds = timings["sweep_seconds"]
         rows = json.loads((experiment_dir / "leaderboard.json").read_text())["rows"]
-        trial_rows = [r for r in rows if r["trial_id"] != "base" and r["best_eval_loss"] is not None]
-        best_row = min(trial_rows, key=lambda r: r["best_eval_loss"])
-        exact_match = best_row["exact_match"]
+        trial_rows = [r for r in rows if r["trial_id"] != BASE_ROW_ID]
+        exact_match = rank_by_eval_loss(trial_rows)[0]["exact_match"]
         eval_seconds = _eval_seconds_per_adapter(timings)
         estimate_mib = _estimated_trial_mib(config, model_dir, splits)
     trials = read_trials(experiment_dir / "tune")
@@ -107,7 +107,7 @@ def run_way(way: str, config_path: str | None, overrides: list[str], config) -> 
 
 def prepared_data(config):
     """The study's rows exactly as both ways got them (same code, same seed)."""
-    from sweeps.data import check_and_filter, prepare_splits, read_splits
+    from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
     from trainables.model_loading import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(config.model.model_name_or_path)
@@ -117,15 +117,20 @@ def prepared_data(config):
     return splits, model_dir
 
 
-def score_adapter(config, model_dir: str, candidate: dict, test_rows: list[dict], out_dir: Path) -> dict:
+def score_adapter(config, model_dir: str, candidate: dict, test_rows: list[dict], experiment_dir: Path) -> dict:
     """The baseline's best adapter, scored by lorasweep's evaluation code (the same prompts and normalization)."""
     import torch
 
     from eval.stage import evaluate_candidates
+    from trainables.model_loading import choose_precision
+    from trainables.trial_spec import BaseModelSpec
 
-    precision = "4bit" if torch.cuda.is_available() and config.model.load_in_4bit else "bf16"
-    results = evaluate_candidates(model_dir, precision, [candidate], test_rows, vars(config.eval), out_dir,
-                                  config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant)
+    cuda = torch.cuda.is_available()
+    precision, _ = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, cuda)
+    base = BaseModelSpec(model_dir=model_dir, precision=precision, device="cuda" if cuda else "cpu",
+                         bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
+                         bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
+    results, _ = evaluate_candidates(base, [candidate], test_rows, config.eval, experiment_dir)
     return results[candidate["trial_id"]]
 
 
@@ -138,11 +143,13 @@ def _eval_seconds_per_adapter(timings: dict) -> float | None:
 
 def _estimated_trial_mib(config, model_dir: str, splits: dict) -> float:
     from sweeps.gpu_share import largest_trial_memory, longest_row_tokens
-    from sweeps.search_space import parse_parameters
+    from sweeps.search_space import plan_sweep
+    from trainables.model_loading import choose_precision
 
-    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
-    precision = "4bit" if config.model.load_in_4bit else "bf16"
-    return round(largest_trial_memory(config, parsed, model_dir, precision, longest_row_tokens(splits)).total_mib)
+    precision, _ = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, cuda=True)
+    memory = largest_trial_memory(plan_sweep(config.sweep, config.training), config.training, model_dir, precision,
+                                  longest_row_tokens(splits), config.model.trust_remote_code)
+    return round(memory.total_mib)
 
 
 def read_trials(tune_dir: Path) -> list[dict]:
@@ -300,9 +307,16 @@ def render_table(figures: list[dict]) -> str:
     for label, cell in ROWS:
         lines.append(f"| {label} | " + " | ".join(str(cell(f)) for f in figures) + " |")
     if len(figures) == 2:
-        ratio = figures[0]["sweep_seconds"] / figures[1]["sweep_seconds"]
-        lines.append(f"\n{figures[1]['way']} sweep wall time: {ratio:.2f}x faster than {figures[0]['way']}")
+        lines.append("\n" + speed_line(figures[0], figures[1]))
     return "\n".join(lines)
+
+
+def speed_line(reference: dict, other: dict) -> str:
+    """How the second way's sweep wall time compares with the first's, in the right direction."""
+    ratio = reference["sweep_seconds"] / other["sweep_seconds"]
+    if ratio >= 1:
+        return f"{other['way']} sweep wall time: {ratio:.2f}x faster than {reference['way']}"
+    return f"{other['way']} sweep wall time: {1 / ratio:.2f}x slower than {reference['way']}"
 
 
 def make_tinyllama_shaped_model(tokenizer_from: str, out: str) -> None:

@@ -13,6 +13,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from eval.artifacts import write_text_atomically
+from eval.eval_config import EvalConfig
+from trainables.trial_spec import TrainingConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET_DIR = PROJECT_ROOT / "sweeps" / "data" / "clinc150"
 
@@ -70,31 +74,6 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
-    """One trial's settings, named as TRL names them; any of them can be searched in sweep.parameters."""
-
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all_linear"
-    learning_rate: float = 2.0e-4
-    max_steps: int = 16
-    eval_steps: int = 8
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
-    lr_scheduler_type: Literal["linear", "constant", "cosine", "constant_with_warmup"] = "linear"
-    weight_decay: float = 0.0
-    # Off: recomputing activations costs a third more time per step (TRL turns it on by default); the GPU
-    # share per trial is sized from the memory the activations need (resources.gpus_per_trial=-1).
-    gradient_checkpointing: bool = False
-    # Batches as one flat sequence without pad tokens (TRL's padding_free): BENCHMARKS.md measures what it pays.
-    padding_free: bool = True
-    seed: int = 42
-
-
-@dataclass
 class SweepConfig:
     """The search, in the subset of the W&B sweep format that maps onto Optuna + ASHA."""
 
@@ -129,25 +108,6 @@ class ResourcesConfig:
     eval_cpus: float = 2.0
     # How often a trial is retried from its last checkpoint after its node or worker process is lost.
     max_failures: int = 2
-
-
-@dataclass
-class EvalConfig:
-    top_k: int = 2
-    max_new_tokens: int = 12
-    batch_size: int = 32
-    select_by: Literal["exact_match", "heldout_loss"] = "exact_match"
-    # Exact-match normalization, with the options of the `evaluate` exact_match metric.
-    first_line_only: bool = True
-    ignore_case: bool = True
-    ignore_punctuation: bool = False
-    ignore_numbers: bool = False
-    regexes_to_ignore: list[str] = field(default_factory=list)
-    merge: bool = True
-    merge_check_prompts: int = 32
-    # The merged weights are rounded to bf16 once, so a rare greedy flip against the adapter is expected;
-    # a broken merge moves exact match by far more than this.
-    merge_check_tolerance: float = 0.05
 
 
 @dataclass
@@ -214,7 +174,28 @@ def load_config(config_path: str | None = None, overrides: list[str] | None = No
 
 def save_config(config: LorasweepConfig, path: Path) -> None:
     """Write the resolved config as YAML (the file can be passed back with --config)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def given_keys(config_path: str | None, overrides: list[str]) -> set[str]:
+    """The dotted keys the YAML file or an override set (not left at their defaults): for --dry-run's warnings.
+    Call after load_config, which has already refused bad files and overrides."""
+    keys: set[str] = set()
+
+    def collect(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and dotted not in _MAPPING_KEYS:
+                collect(value, dotted + ".")
+            else:
+                keys.add(dotted)
+
+    if config_path:
+        collect(_read_yaml(config_path), "")
+    for override in overrides:
+        key, value = _parse_override(override)
+        collect(_nest(key, value), "")
+    return keys
 
 
 def _check_values(config: LorasweepConfig) -> None:
@@ -289,10 +270,10 @@ def _check_tracking(config: LorasweepConfig) -> None:
                               f"remove it and give it through the environment ({where})")
 
 
-def check_tracker_packages(config: LorasweepConfig) -> None:
+def check_tracker_packages(tracking: TrackingConfig) -> None:
     """Fail before any work when a tracker is on but its package is not installed."""
     for key in ("wandb", "mlflow"):  # each config key is also its package's module and lorasweep's extra
-        if getattr(config.tracking, key) and importlib.util.find_spec(key) is None:
+        if getattr(tracking, key) and importlib.util.find_spec(key) is None:
             raise ConfigError(f"tracking.{key}=true needs the {key} package: pip install 'lorasweep[{key}]'")
 
 

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import math
 
-from sweeps.config import ConfigError, LorasweepConfig
+from typing import Callable
+
+from sweeps.config import ConfigError, ResourcesConfig
+from sweeps.search_space import SweepPlan
 from trainables.lora_presets import target_modules_for
-from trainables.memory_estimate import estimate_trial_memory
+from trainables.memory_estimate import TrialMemory, estimate_trial_memory
+from trainables.trial_spec import TrainingConfig
 
 # Leave a tenth of the GPU for what the estimate cannot see (other processes, the evaluation stage's start).
 USABLE_GPU_FRACTION = 0.9
 
 
-def choose_gpus_per_trial(config: LorasweepConfig, parsed: dict, model_dir: str, precision: str,
-                          longest_example: int) -> tuple[float, str]:
-    """(the GPU share per trial, a line saying why). Needs a running Ray cluster."""
+def choose_gpus_per_trial(resources: ResourcesConfig, largest_trial: Callable[[], TrialMemory]) -> tuple[float, str]:
+    """(the GPU share per trial, a line saying why). `largest_trial` estimates the memory of the search space's
+    largest trial, asked only in auto mode on a cluster with GPUs. Needs a running Ray cluster."""
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    share = config.resources.gpus_per_trial
+    share = resources.gpus_per_trial
     if share != -1:
         if share > cluster_gpus:
             raise ConfigError(f"resources.gpus_per_trial={share} but the Ray cluster has {cluster_gpus:g} GPUs; "
@@ -29,12 +33,12 @@ def choose_gpus_per_trial(config: LorasweepConfig, parsed: dict, model_dir: str,
     if not cluster_gpus:
         return 0.0, "the Ray cluster has no GPU"
 
-    memory = largest_trial_memory(config, parsed, model_dir, precision, longest_example)
+    memory = largest_trial()
     # Run where a GPU is, with the smallest share Ray accepts, so that it does not wait for a free GPU.
     gpu_mib = ray.get(ray.remote(num_cpus=0, num_gpus=0.0001)(_smallest_gpu_memory_mib).remote())
     limits = {"GPU memory": math.floor(gpu_mib * USABLE_GPU_FRACTION / memory.total_mib),
-              "the GPU node's CPUs": math.floor(_cpus_per_gpu() / config.resources.cpus_per_trial),
-              "resources.max_trials_per_gpu": config.resources.max_trials_per_gpu}
+              "the GPU node's CPUs": math.floor(_cpus_per_gpu() / resources.cpus_per_trial),
+              "resources.max_trials_per_gpu": resources.max_trials_per_gpu}
     limit = min(limits, key=limits.get)
     per_gpu = max(1, limits[limit])
     by_memory = limits["GPU memory"]
@@ -52,32 +56,20 @@ def longest_row_tokens(splits: dict[str, list[dict]]) -> int:
     return max(len(row["input_ids"]) for name in ("train", "validation") for row in splits[name])
 
 
-def largest_trial_memory(config: LorasweepConfig, parsed: dict, model_dir: str, precision: str, longest_example: int):
+def largest_trial_memory(plan: SweepPlan, training: TrainingConfig, model_dir: str, precision: str,
+                         longest_example: int, trust_remote_code: bool = False) -> TrialMemory:
     """The estimate for the most memory-hungry corner of the search space."""
-    training = config.training
-    presets = _values(parsed, "lora_target_modules", training.lora_target_modules)
+    presets = plan.values("lora_target_modules", training.lora_target_modules)
     return max((estimate_trial_memory(
         model_dir, precision,
-        lora_r=max(_values(parsed, "lora_r", training.lora_r)),
+        lora_r=max(plan.values("lora_r", training.lora_r)),
         target_modules=target_modules_for(preset),
-        batch_size=max(_values(parsed, "per_device_train_batch_size", training.per_device_train_batch_size)),
+        batch_size=max(plan.values("per_device_train_batch_size", training.per_device_train_batch_size)),
         eval_batch_size=training.per_device_eval_batch_size,
         seq_len=longest_example,
-        gradient_checkpointing=all(_values(parsed, "gradient_checkpointing", training.gradient_checkpointing)),
-        trust_remote_code=config.model.trust_remote_code,
+        gradient_checkpointing=all(plan.values("gradient_checkpointing", training.gradient_checkpointing)),
+        trust_remote_code=trust_remote_code,
     ) for preset in presets), key=lambda memory: memory.total_mib)
-
-
-def _values(parsed: dict, name: str, fixed) -> list:
-    """Every value a searched parameter can take (its bounds for a distribution), or the fixed setting."""
-    spec = parsed.get(name)
-    if spec is None:
-        return [fixed]
-    if "values" in spec:
-        return list(spec["values"])
-    if "value" in spec:
-        return [spec["value"]]
-    return [spec["min"], spec["max"]]
 
 
 def _cpus_per_gpu() -> float:

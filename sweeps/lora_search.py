@@ -20,7 +20,7 @@ from pathlib import Path
 # `python sweeps/lora_search.py` puts sweeps/ on sys.path, not the project root that holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import PROJECT_ROOT, ConfigError, check_tracker_packages, load_config  # noqa: E402
+from sweeps.config import PROJECT_ROOT, ConfigError, check_tracker_packages, given_keys, load_config  # noqa: E402
 from trainables.model_loading import ModelError  # noqa: E402
 
 SMOKE_OVERRIDES = [
@@ -43,15 +43,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config, parsed = resolve(args)
+        config, plan = resolve(args)
     except ConfigError as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print_plan(config, parsed)
+        print_plan(config, plan, given_keys(args.config, smoke_and_user_overrides(args)))
         return 0
     try:
-        return run(config, parsed)
+        return run(config, plan)
     except (ConfigError, ModelError) as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
@@ -61,39 +61,42 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def smoke_and_user_overrides(args: argparse.Namespace) -> list[str]:
+    return (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.overrides)
+
+
 def resolve(args: argparse.Namespace):
-    """Config and search space, fully checked; nothing is started or written."""
-    from sweeps.search_space import asha_settings, metric_and_mode, parse_parameters
+    """Config and the sweep's plan, fully checked; nothing is started or written."""
+    from sweeps.search_space import plan_sweep
 
-    overrides = (SMOKE_OVERRIDES if args.smoke_test else []) + list(args.overrides)
-    config = load_config(args.config, overrides)
-    check_tracker_packages(config)
-    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
-    metric_and_mode(config)
-    asha_settings(config)
-    return config, parsed
+    config = load_config(args.config, smoke_and_user_overrides(args))
+    check_tracker_packages(config.tracking)
+    return config, plan_sweep(config.sweep, config.training)
 
 
-def print_plan(config, parsed) -> None:
+def print_plan(config, plan, given: set[str]) -> None:
     import yaml
 
-    from sweeps.search_space import asha_settings
-
     print(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    print("search space:", json.dumps(parsed, indent=2))
-    asha = asha_settings(config)
-    print(f"ASHA: grace_period={asha['grace_period']} reduction_factor={asha['reduction_factor']} "
-          f"max_t={asha['max_t']} evaluations, rungs at evaluations {asha['rungs']}")
-    ranks = [v for v in parsed.get("lora_r", {}).get("values", [config.training.lora_r])]
-    print(f"vLLM: serve the adapters with --enable-lora --max-lora-rank {max(ranks)}")
+    print("search space:", json.dumps(plan.parameters, indent=2))
+    asha = plan.asha
+    print(f"ASHA: grace_period={asha.grace_period} reduction_factor={asha.reduction_factor} "
+          f"max_t={asha.max_t} evaluations, rungs at evaluations {asha.rungs}")
+    print(f"vLLM: serve the adapters with --enable-lora --max-lora-rank {max(plan.values('lora_r', config.training.lora_r))}")
+    # A training value that is also searched is never used: the sampled value replaces it in every trial.
+    print(f"searched (their training.* values are not used): {', '.join(plan.param_names)}")
+    for name in plan.param_names:
+        if f"training.{name}" in given:
+            print(f"WARNING: training.{name}={getattr(config.training, name)!r} is set but sweep.parameters.{name} "
+                  f"also searches it: every trial uses a searched value; drop one of the two")
     print(f"experiment directory: {config.experiment_dir}")
 
 
-def run(config, parsed) -> int:
+def run(config, plan) -> int:
     """Check everything that can be checked without Ray, then start it."""
     import ray
 
-    from sweeps.data import check_and_filter, prepare_splits, read_splits
+    from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
     from trainables.model_loading import check_target_modules, load_tokenizer, resolve_model_dir
 
     experiment_dir = config.experiment_dir
@@ -102,14 +105,17 @@ def run(config, parsed) -> int:
     raw, origin = read_splits(config.data)  # file and line errors surface here, before any model work
     raw = check_and_filter(raw, origin, config.data)
     model_dir = resolve_model_dir(config.model.model_name_or_path)
-    check_target_modules(model_dir, searched_presets(config, parsed), config.model.trust_remote_code)
+    check_target_modules(model_dir, set(plan.values("lora_target_modules", config.training.lora_target_modules)),
+                         config.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     splits = prepare_splits(config.data, raw, tokenizer, log=lambda line: print(line, flush=True))
     print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
           f"{len(splits['test'])} held-out test rows, tokenized once for all trials", flush=True)
-    from sweeps.tuner import check_optuna_study  # here, after the quick checks: it imports the trial's libraries
+    # Here, after the quick checks: these import the trial's libraries.
+    from sweeps.trackers import check_optuna_study
+    from sweeps.tuner import can_resume
 
-    check_optuna_study(config, experiment_dir)
+    check_optuna_study(config.tracking, config.output.name, experiment_dir, can_resume(experiment_dir))
 
     if not os.environ.get("RAY_ADDRESS") and str(PROJECT_ROOT) not in os.environ.get("PYTHONPATH", ""):
         # A local Ray instance started here: its workers inherit this environment and find the packages.
@@ -119,87 +125,84 @@ def run(config, parsed) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:
-        return sweep_and_evaluate(config, parsed, experiment_dir, model_dir, splits)
+        return sweep_and_evaluate(config, plan, experiment_dir, model_dir, splits)
     finally:
         ray.shutdown()  # main() can be called again in the same process (tests, notebooks)
 
 
-def sweep_and_evaluate(config, parsed, experiment_dir: Path, model_dir: str, splits: dict) -> int:
+def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, splits: dict) -> int:
     """Everything that needs Ray: resources check, the sweep, the evaluation stage, the leaderboard."""
     import ray
 
-    from eval.leaderboard import atomic_write, build_rows, write_leaderboard
+    from eval.artifacts import PLAN_FILE, SEARCH_SPACE_FILE, TIMINGS_FILE, write_json_atomically
+    from eval.leaderboard import build_rows, write_leaderboard
+    from eval.outcomes import evaluation_candidates
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
     from sweeps.config import save_config
-    from sweeps.gpu_share import choose_gpus_per_trial, longest_row_tokens
-    from sweeps.search_space import grid_size
-    from sweeps.tuner import build_trainable, log_generations_to_wandb, run_sweep, trial_records
+    from sweeps.gpu_share import choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
+    from sweeps.trackers import log_generations_to_wandb
+    from sweeps.tuner import build_trainable, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
+    from trainables.trial_spec import BaseModelSpec
 
-    # Sized for the path trials take on a GPU; without a GPU share the estimate is not used.
-    gpus, why = choose_gpus_per_trial(config, parsed, model_dir, "4bit" if config.model.load_in_4bit else "bf16",
-                                      longest_row_tokens(splits))
-    if config.model.load_in_4bit and gpus == 0 and config.model.cpu_fallback == "refuse":
-        raise ConfigError("model.load_in_4bit=true needs CUDA, the trials get no GPU and model.cpu_fallback=refuse; "
-                          "set model.cpu_fallback=bf16 (LoRA on a bf16 base) or 4bit (bitsandbytes on CPU)")
-    precision, path_line = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, gpus > 0)
+    model, training = config.model, config.training
+    # The GPU share is sized for the path the trials take on a GPU.
+    gpu_precision, _ = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=True)
+    gpus, why = choose_gpus_per_trial(config.resources, lambda: largest_trial_memory(
+        plan, training, model_dir, gpu_precision, longest_row_tokens(splits), model.trust_remote_code))
+    precision, path_line = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=gpus > 0)
     print(f"[lorasweep] trials: {path_line}; GPU share per trial {gpus:g} ({why})", flush=True)
+    base = BaseModelSpec(model_dir=model_dir, precision=precision, device="cuda" if gpus > 0 else "cpu",
+                         bnb_4bit_quant_type=model.bnb_4bit_quant_type,
+                         bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
+                         trust_remote_code=model.trust_remote_code)
 
     experiment_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, experiment_dir / "config.yaml")
-    (experiment_dir / "search_space.json").write_text(json.dumps(parsed, indent=2))
-    settings = {**vars(config.training), **vars(config.model), "model_dir": model_dir,
-                "max_length": config.data.max_length}
-    trainable = build_trainable(settings, splits, config.resources.cpus_per_trial, gpus)
+    write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
+    # What the report needs of the plan, saved once: eval/ reads it instead of rebuilding it from config.yaml.
+    write_json_atomically(experiment_dir / PLAN_FILE, {**plan.to_json(), "gpus_per_trial": gpus, "precision": precision})
+    trainable = build_trainable(training, base, config.data.max_length, splits, config.resources.cpus_per_trial, gpus)
     sweep_started = time.time()
-    result_grid = run_sweep(config, parsed, trainable, experiment_dir)
+    result_grid = run_sweep(plan, trainable, experiment_dir, config.output.name, config.tracking,
+                            config.resources.reuse_actors, config.resources.max_failures)
     # This run's time in Tune (a resumed sweep counts only the part after the resume).
-    timings = {"sweep_seconds": round(time.time() - sweep_started, 2), "gpus_per_trial": gpus}
-    expected = grid_size(parsed) if config.sweep.method == "grid" else config.sweep.run_cap
-    if result_grid.num_terminated + result_grid.num_errors < expected:
+    timings = {"sweep_seconds": round(time.time() - sweep_started, 2)}
+    ended = result_grid.num_terminated + result_grid.num_errors
+    if ended < plan.expected_trials:
         # Tune returns normally after Ctrl-C with its state saved; evaluating half a sweep would mislead.
-        print(f"lora_search: the sweep was interrupted ({result_grid.num_terminated + result_grid.num_errors} of "
-              f"{expected} trials ended); run the same command again to resume", file=sys.stderr)
+        print(f"lora_search: the sweep was interrupted ({ended} of {plan.expected_trials} trials ended); "
+              f"run the same command again to resume", file=sys.stderr)
         return 130
 
-    param_names = list(parsed)
-    trials = trial_records(result_grid, config, param_names)
-    scored = sorted((t for t in trials if t["checkpoint_dir"] and not t["status"].startswith("failed")),
-                    key=lambda t: t["best_eval_loss"])
-    candidates = [{"trial_id": t["trial_id"], "checkpoint_dir": t["checkpoint_dir"]} for t in scored[: config.eval.top_k]]
+    trials = trial_records(result_grid, plan)
+    candidates = evaluation_candidates(trials, config.eval.top_k)
     title = f"lorasweep leaderboard: {config.output.name}"
     if not candidates:
-        write_leaderboard(build_rows(trials, {}, param_names, None, config.eval.select_by), param_names, experiment_dir, title)
+        write_leaderboard(build_rows(trials, {}, plan.param_names, None, config.eval.select_by), plan.param_names,
+                          experiment_dir, title)
         print(f"lora_search: every trial failed; see {experiment_dir / 'leaderboard.md'}", file=sys.stderr)
         return 1
 
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
-    eval_options = {**vars(config.eval)}
     stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if gpus else 0)
-    outcome = ray.get(stage.remote(model_dir, precision, candidates, splits["test"], eval_options, str(experiment_dir),
-                                   hub_id_for_card(config.model.model_name_or_path), config.eval.merge,
-                                   config.model.bnb_4bit_quant_type, config.model.bnb_4bit_use_double_quant,
-                                   config.model.trust_remote_code))
+    outcome = ray.get(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"]}
+                                          for c in candidates],
+                                   splits["test"], config.eval, str(experiment_dir),
+                                   hub_id_for_card(model.model_name_or_path)))
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
-    atomic_write(experiment_dir / "timings.json", json.dumps(timings, indent=2))
-    rows = build_rows(trials, outcome["results"], param_names, outcome["winner"], config.eval.select_by)
-    paths = write_leaderboard(rows, param_names, experiment_dir, title)
+    write_json_atomically(experiment_dir / TIMINGS_FILE, timings)
+    rows = build_rows(trials, outcome["results"], plan.param_names, outcome["winner"], config.eval.select_by)
+    paths = write_leaderboard(rows, plan.param_names, experiment_dir, title)
     paths["html"] = write_report(experiment_dir)
     if config.tracking.wandb:
-        log_generations_to_wandb(config, experiment_dir, outcome["results"])
+        log_generations_to_wandb(config.tracking, config.output.name, experiment_dir, config.to_dict(),
+                                 outcome["results"], outcome["generations"])
     print_summary(rows, paths, outcome, experiment_dir)
     return 1 if outcome["merge_error"] or (outcome["merge_check"] and not outcome["merge_check"]["passed"]) else 0
-
-
-def searched_presets(config, parsed: dict) -> set[str]:
-    """Every target-module preset a trial may use."""
-    spec = parsed.get("lora_target_modules")
-    if spec is None:
-        return {config.training.lora_target_modules}
-    return set(spec["values"]) if spec["kind"] == "choice" else {spec["value"]}
 
 
 def check_output_dir(output_dir: str, experiment_dir: Path) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 # `python sweeps/make_report.py` puts sweeps/ on sys.path, not the project root that holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.report import NotAnExperimentDir, write_report  # noqa: E402
+from eval.report import write_report  # noqa: E402
+from eval.report_data import NotAnExperimentDir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

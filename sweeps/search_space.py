@@ -1,12 +1,17 @@
-"""The W&B-style `sweep` section -> a Ray Tune search space, searcher and ASHA scheduler."""
+"""The W&B-style `sweep` section -> the sweep's plan, validated and computed once: the parsed search space,
+metric and mode, ASHA's settings and rungs, the number of trials. The Tuner (sweeps/tuner.py), the GPU share,
+the driver and --dry-run all read the plan instead of the config."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from sweeps.config import ConfigError, LorasweepConfig, TrainingConfig, coerce_float
+from sweeps.config import ConfigError, SweepConfig, coerce_float
 from trainables.lora_presets import TARGET_MODULE_PRESETS
+from trainables.trial_spec import TrainingConfig
 
 SEARCHABLE = {f for f in TrainingConfig.__dataclass_fields__}
 INT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("int", int)}
@@ -109,8 +114,66 @@ def to_tune_space(parsed: dict[str, dict], method: str) -> dict:
     return space
 
 
-def metric_and_mode(config: LorasweepConfig) -> tuple[str, str]:
-    metric = config.sweep.metric
+@dataclass(frozen=True)
+class AshaPlan:
+    """ASHA in evaluations (its time unit): a trial reaching max_t evaluations has finished."""
+
+    enabled: bool
+    grace_period: int
+    reduction_factor: float
+    max_t: int
+    rungs: list[int]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    method: str
+    parameters: dict[str, dict]  # name -> {kind, values | value | min, max}, as parse_parameters returns them
+    metric: str
+    mode: str
+    asha: AshaPlan
+    expected_trials: int  # run_cap, or the grid's size
+    max_concurrent_trials: int
+    seed: int
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.parameters)
+
+    @property
+    def asha_rungs(self) -> list[int]:
+        """The rungs at which ASHA stops trials; none when it is off."""
+        return self.asha.rungs if self.asha.enabled else []
+
+    def values(self, name: str, fixed) -> list:
+        """Every value a parameter can take (a distribution's bounds), or [fixed] when it is not searched."""
+        spec = self.parameters.get(name)
+        if spec is None:
+            return [fixed]
+        if spec["kind"] == "choice":
+            return list(spec["values"])
+        if spec["kind"] == "constant":
+            return [spec["value"]]
+        return [spec["min"], spec["max"]]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_sweep(sweep: SweepConfig, training: TrainingConfig) -> SweepPlan:
+    """Check the sweep section against the training section and compute everything the sweep needs of it."""
+    parameters = parse_parameters(sweep.parameters, sweep.method)
+    metric, mode = _metric_and_mode(sweep.metric)
+    return SweepPlan(
+        method=sweep.method, parameters=parameters, metric=metric, mode=mode,
+        asha=_asha_plan(sweep.early_terminate, training.max_steps // training.eval_steps),
+        # A grid runs each combination once; run_cap counts samples otherwise (W&B semantics).
+        expected_trials=grid_size(parameters) if sweep.method == "grid" else sweep.run_cap,
+        max_concurrent_trials=sweep.max_concurrent_trials, seed=sweep.seed,
+    )
+
+
+def _metric_and_mode(metric: dict) -> tuple[str, str]:
     unknown = set(metric) - {"name", "goal"}
     if unknown:
         raise ConfigError(f"sweep.metric: unknown key(s) {sorted(unknown)}; valid: name, goal")
@@ -119,18 +182,17 @@ def metric_and_mode(config: LorasweepConfig) -> tuple[str, str]:
         raise ConfigError(f"sweep.metric.name: trials report 'eval_loss' at each evaluation, got {name!r}")
     if goal != "minimize":
         raise ConfigError(f"sweep.metric.goal: eval_loss is minimized, got {goal!r}; use goal: minimize")
-    return name, "min" if goal == "minimize" else "max"
+    return name, "min"
 
 
-def asha_settings(config: LorasweepConfig) -> dict:
+def _asha_plan(early_terminate: dict, max_t: int) -> AshaPlan:
     """ASHA's grace period, reduction factor, max_t and rung milestones (in evaluations) from early_terminate."""
-    et = dict(config.sweep.early_terminate)
+    et = dict(early_terminate)
     unknown = set(et) - {"type", "min_iter", "eta"}
     if unknown:
         raise ConfigError(f"sweep.early_terminate: unknown key(s) {sorted(unknown)}; valid: type, min_iter, eta")
     if et.get("type", "hyperband") not in ("hyperband", "none"):
         raise ConfigError(f"sweep.early_terminate.type: {et.get('type')!r} is not one of ['hyperband', 'none']")
-    max_t = config.training.max_steps // config.training.eval_steps
     grace, eta = et.get("min_iter", 1), et.get("eta", 2)
     if not isinstance(grace, int) or grace < 1 or grace > max_t:
         raise ConfigError(f"sweep.early_terminate.min_iter: must be an integer in [1, {max_t}] (evaluations "
@@ -139,30 +201,8 @@ def asha_settings(config: LorasweepConfig) -> dict:
         raise ConfigError(f"sweep.early_terminate.eta: must be a number > 1, got {eta!r}")
     # Ray's ASHA places rungs at grace * eta^k below max_t; a trial reaching max_t has finished.
     rungs = [grace * eta**k for k in range(int(math.log(max_t / grace, eta) + 1e-9) + 1) if grace * eta**k < max_t]
-    return {"enabled": et.get("type", "hyperband") == "hyperband", "grace_period": grace,
-            "reduction_factor": eta, "max_t": max_t, "rungs": rungs}
-
-
-def build_search_alg(config: LorasweepConfig, parsed: dict[str, dict], storage_url: str = ""):
-    """Seeded Optuna TPE for bayes, Optuna's random sampler for random, Tune's grid for grid. With a storage_url
-    the Optuna study, named output.name, lives in that database instead of in memory."""
-    if config.sweep.method == "grid":
-        return None  # Tune's BasicVariantGenerator expands grid_search itself
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    seed = config.sweep.seed
-    sampler = optuna.samplers.TPESampler(seed=seed) if config.sweep.method == "bayes" else optuna.samplers.RandomSampler(seed=seed)
-    # metric and mode go in TuneConfig only: Tune refuses them set twice.
-    if storage_url:
-        from sweeps.tuner import StoredStudyOptunaSearch  # a Tune searcher, kept with the other Tune classes
-
-        searcher = StoredStudyOptunaSearch(sampler=sampler, study_name=config.output.name,
-                                           storage=optuna.storages.RDBStorage(storage_url))
-    else:
-        searcher = OptunaSearch(sampler=sampler)
-    return ConcurrencyLimiter(searcher, max_concurrent=config.sweep.max_concurrent_trials)
+    return AshaPlan(enabled=et.get("type", "hyperband") == "hyperband", grace_period=grace, reduction_factor=eta,
+                    max_t=max_t, rungs=rungs)
 
 
 def grid_size(parsed: dict[str, dict]) -> int:

@@ -163,7 +163,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, bad_inp
 
 
 def test_partial_length_overflow_is_reported_and_dropped():
-    from sweeps.data import apply_length_policy
+    from sweeps.data_loading import apply_length_policy
 
     rows = [{"input_ids": [1] * n, "completion_mask": [0] * (n - 1) + [1]} for n in (4, 9, 12)]
     kept, note = apply_length_policy("train", rows, 8, "drop")
@@ -177,7 +177,7 @@ def test_test_prompts_seen_in_training_are_counted(tiny_model_dir, tiny_data_dir
     from transformers import AutoTokenizer
 
     from sweeps.config import load_config
-    from sweeps.data import check_and_filter, prepare_splits, read_splits
+    from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
 
     config = load_config(None, [f"data.dataset_name={tiny_data_dir}", f"data.test_file={tiny_data_dir / 'train.jsonl'}",
                                 f"data.train_file={tiny_data_dir / 'train.jsonl'}",

@@ -1,7 +1,7 @@
 """Exact-match scoring and its documented normalization."""
 
 from eval.exact_match import exact_match, exact_match_flags, normalize
-from eval.stage import choose_winner
+from eval.outcomes import choose_winner
 
 
 def test_whitespace_case_and_first_line():

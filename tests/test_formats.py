@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CLINC, PROJECT_ROOT, run_lora_search, short_ray_tmp, stop_ray_processes
 from sweeps.config import load_config
-from sweeps.data import check_and_filter, prepare_splits, read_splits
+from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
 
 
 @pytest.mark.parametrize("example", ["alpaca", "prompt_completion", "messages"])

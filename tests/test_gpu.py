@@ -28,8 +28,6 @@ def test_qlora_nf4_on_cuda_trains_the_adapter_only(tiny_model_dir, tiny_data_dir
 def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_data_dir, tmp_path):
     """A real CUDA out-of-memory: the process's memory cap is set between what micro-batch B/2 needs and
     what B needs, measured here first; the trial must finish with B/2 x 2 accumulation and say so."""
-    import dataclasses
-
     from transformers import TrainerCallback
 
     from trainables.qlora_trial import train_with_micro_batch_fallback
@@ -41,7 +39,7 @@ def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_da
     def peak_bytes(batch: int) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        spec = dataclasses.replace(make_spec(tiny_model_dir), per_device_train_batch_size=batch, max_steps=2, eval_steps=2)
+        spec = make_spec(tiny_model_dir, per_device_train_batch_size=batch, max_steps=2, eval_steps=2)
         build_trainer(spec, train_rows, rows["validation"], output_dir=str(tmp_path / f"probe{batch}")).train()
         return torch.cuda.max_memory_allocated()
 
@@ -59,7 +57,7 @@ def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_da
         def on_step_end(self, args, state, control, **kwargs):
             self.seen.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
 
-    spec = dataclasses.replace(make_spec(tiny_model_dir), per_device_train_batch_size=big, max_steps=2, eval_steps=2)
+    spec = make_spec(tiny_model_dir, per_device_train_batch_size=big, max_steps=2, eval_steps=2)
     try:
         note = train_with_micro_batch_fallback(spec, train_rows, rows["validation"], str(tmp_path / "run"), Steps())
     finally:

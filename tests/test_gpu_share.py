@@ -5,7 +5,7 @@ from transformers import LlamaConfig
 
 from sweeps.config import load_config
 from sweeps.gpu_share import largest_trial_memory
-from sweeps.search_space import parse_parameters
+from sweeps.search_space import plan_sweep
 from trainables.memory_estimate import estimate_trial_memory
 
 
@@ -42,8 +42,8 @@ def test_the_estimate_grows_with_rank_targets_and_batch_and_shrinks_with_checkpo
 def test_the_gpu_share_is_sized_for_the_largest_corner_of_the_search_space(smollm2_shape):
     config = load_config(None, ["sweep.parameters={lora_r: {values: [8, 64]}, lora_target_modules: "
                                 "{values: [attn_qv, all_linear]}, learning_rate: {values: [1.0e-3]}}"])
-    parsed = parse_parameters(config.sweep.parameters, config.sweep.method)
-    largest = largest_trial_memory(config, parsed, smollm2_shape, "4bit", longest_example=50)
+    plan = plan_sweep(config.sweep, config.training)
+    largest = largest_trial_memory(plan, config.training, smollm2_shape, "4bit", longest_example=50)
     corner = estimate_trial_memory(smollm2_shape, "4bit", 64, "all-linear", config.training.per_device_train_batch_size,
                                    config.training.per_device_eval_batch_size, 50, False)
     assert largest.total_mib == pytest.approx(corner.total_mib)

@@ -4,6 +4,7 @@ real finished sweep rendered in headless Chromium (table rows, drawn plots, sort
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,9 +21,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (apt-get install -y chromium)")
 PARAMS = {"lora_r": {"kind": "choice", "values": [8, 16]},
           "learning_rate": {"kind": "log_uniform", "min": 1e-4, "max": 1e-2}}
-# ASHA over max_steps=4 / eval_steps=2: two evaluations per trial, one rung at evaluation 1.
 CONFIG_YAML = ("training:\n  max_steps: 4\n  eval_steps: 2\n"
-               "sweep:\n  early_terminate: {type: hyperband, min_iter: 1, eta: 2}\n")
+               "sweep:\n  early_terminate: {type: hyperband, min_iter: 1, eta: 2}\n"
+               "resources:\n  gpus_per_trial: -1\n")
+# What the driver saves of that config's plan: ASHA over max_steps=4 / eval_steps=2 is two evaluations per trial,
+# one rung at evaluation 1; the trials got a quarter of a GPU each (gpus_per_trial -1 is "auto").
+PLAN = {"metric": "eval_loss", "mode": "min", "gpus_per_trial": 0.25,
+        "asha": {"enabled": True, "grace_period": 1, "reduction_factor": 2, "max_t": 2, "rungs": [1]}}
 
 
 def _row(trial_id, rank, lora_r, learning_rate, status, loss, exact_match=None, heldout=None, winner=False):
@@ -109,6 +114,7 @@ def test_interrupted_sweep_rows_come_from_tune_results(tmp_path):
     tune_dir = experiment / "tune"
     tune_dir.mkdir(parents=True)
     (experiment / "config.yaml").write_text(CONFIG_YAML)
+    (experiment / "plan.json").write_text(json.dumps(PLAN))
     (experiment / "search_space.json").write_text(json.dumps(PARAMS))
     _tune_trial(tune_dir, "bbbb0001", 1, {"lora_r": 8, "learning_rate": 1e-3}, [2.0, 1.0], done=True)
     _tune_trial(tune_dir, "bbbb0002", 2, {"lora_r": 16, "learning_rate": 2e-4}, [3.0], done=True)
@@ -129,6 +135,18 @@ def test_interrupted_sweep_rows_come_from_tune_results(tmp_path):
     page = write_report(experiment).read_text()
     assert "No leaderboard.json" in page and "No eval/ directory" in page
     assert page.count('class="stop-mark"') == 1  # the ASHA-stopped trial; the unfinished one is not marked
+
+
+def test_cost_table_uses_the_gpu_share_the_trials_got_not_the_configs_auto(tmp_path):
+    """config.yaml says gpus_per_trial: -1 (auto); plan.json holds the share auto mode chose, 0.25."""
+    experiment = _minimal_experiment(tmp_path)
+    (experiment / "plan.json").write_text(json.dumps(PLAN))
+    page = write_report(experiment).read_text()
+    cost = page[page.index('id="cost"'):page.index("</table>", page.index('id="cost"'))]
+    assert "<th>GPU-seconds</th>" in cost and "GPU-seconds were not recorded" not in page
+    assert cost.count('<td data-v="3.125">3.125</td>') == 6  # 12.5 s of wall time x 0.25 GPU, every trial
+    (experiment / "plan.json").unlink()  # an experiment without the plan: nothing is made up
+    assert "GPU-seconds were not recorded" in write_report(experiment).read_text()
 
 
 def test_cli_refuses_a_directory_that_is_not_an_experiment(tmp_path):
@@ -262,9 +280,44 @@ def test_rendered_report_has_no_script_errors(rendered):
 
 
 @needs_chromium
-def test_screenshot_is_saved(rendered):
+def test_the_page_lays_out_every_leaderboard_row_and_plot_on_screen(rendered, relocated_sweep):
+    """What the screenshot shows, measured: a page beside the report reads the laid-out boxes in an iframe of
+    the screenshot's width; every leaderboard row is on screen with its trial id and status as text, and the
+    plots have their drawn size. The screenshot itself stays for people to look at."""
+    harness = rendered["report"].with_name("layout_check.html")
+    harness.write_text("""<!DOCTYPE html><html><body style="margin:0">
+<iframe id="page" src="report.html" style="width:1400px;height:3000px;border:0"></iframe><script>
+document.getElementById('page').addEventListener('load', function () {
+  var doc = this.contentDocument, out = [];
+  doc.querySelectorAll('#leaderboard tbody tr').forEach(function (row) {
+    var box = row.getBoundingClientRect(), style = doc.defaultView.getComputedStyle(row);
+    out.push({trial: row.dataset.trial, width: box.width, height: box.height, top: box.top,
+              visible: style.display !== 'none' && style.visibility !== 'hidden',
+              text: row.innerText});
+  });
+  var plots = Array.from(doc.querySelectorAll('svg.plot')).map(function (svg) {
+    var box = svg.getBoundingClientRect(); return {id: svg.id, width: box.width, height: box.height};
+  });
+  document.body.dataset.layout = JSON.stringify({rows: out, plots: plots});
+});
+</script></body></html>""")
+    try:
+        proc = _chromium(harness, "--dump-dom", "--allow-file-access-from-files", "--window-size=1400,3000")
+    finally:
+        harness.unlink()
+    layout = json.loads(next(_parse_dom(proc.stdout).iter("body")).attrs["data-layout"])
+    board = json.loads((relocated_sweep / "leaderboard.json").read_text())["rows"]
+    assert [r["trial"] for r in layout["rows"]] == [r["trial_id"] for r in board]
+    for shown, row in zip(layout["rows"], board):
+        assert shown["visible"] and shown["width"] > 600 and shown["height"] >= 15 and 0 < shown["top"] < 3000, shown
+        assert row["trial_id"] in shown["text"] and row["status"].split(" (")[0] in shown["text"], shown
+    assert {p["id"] for p in layout["plots"]} >= {"loss-curves", "parallel-coordinates"}
+    assert all(p["width"] >= 300 and p["height"] >= 200 for p in layout["plots"]), layout["plots"]
+
     data = rendered["screenshot"].read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = struct.unpack(">II", data[16:24])  # the PNG's IHDR: the window it was drawn in
+    assert (width, height) == (1400, 3000)
     print(f"\nreport screenshot: {rendered['screenshot']}")
 
 

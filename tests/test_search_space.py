@@ -4,7 +4,9 @@ import pytest
 from ray import tune
 
 from sweeps.config import ConfigError, load_config
-from sweeps.search_space import asha_settings, parse_parameters, to_tune_space
+import dataclasses
+
+from sweeps.search_space import parse_parameters, plan_sweep, to_tune_space
 from trainables.lora_presets import target_modules_for
 
 
@@ -61,7 +63,8 @@ def test_presets_map_to_module_lists():
 def test_asha_rungs_follow_min_iter_and_eta():
     config = load_config(None, ["training.max_steps=80", "training.eval_steps=10",
                                 "sweep.early_terminate={type: hyperband, min_iter: 1, eta: 2}"])
-    assert asha_settings(config) == {"enabled": True, "grace_period": 1, "reduction_factor": 2, "max_t": 8, "rungs": [1, 2, 4]}
+    asha = plan_sweep(config.sweep, config.training).asha
+    assert dataclasses.asdict(asha) == {"enabled": True, "grace_period": 1, "reduction_factor": 2, "max_t": 8, "rungs": [1, 2, 4]}
     with pytest.raises(ConfigError, match=r"min_iter: must be an integer in \[1, 8\]"):
-        asha_settings(load_config(None, ["training.max_steps=80", "training.eval_steps=10",
-                                         "sweep.early_terminate={min_iter: 9}"]))
+        bad = load_config(None, ["training.max_steps=80", "training.eval_steps=10", "sweep.early_terminate={min_iter: 9}"])
+        plan_sweep(bad.sweep, bad.training)

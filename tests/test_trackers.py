@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
 from sweeps.config import ConfigError, LorasweepConfig, load_config
-from sweeps.tuner import StoredStudyOptunaSearch, check_optuna_study
+from sweeps.trackers import StoredStudyOptunaSearch, check_optuna_study
 
 NAME = "trackers"
 
@@ -184,7 +184,7 @@ def test_a_new_sweep_refuses_a_study_name_taken_in_a_shared_database(tmp_path):
     optuna.create_study(study_name="taken", storage=url)
     config = load_config(None, [f"output.dir={tmp_path}", "output.name=taken", f"tracking.optuna_storage={url}"])
     with pytest.raises(ConfigError, match=r"already holds an Optuna study 'taken'.*optuna delete-study"):
-        check_optuna_study(config, config.experiment_dir)
+        check_optuna_study(config.tracking, config.output.name, config.experiment_dir, resumable=False)
 
 
 def test_stored_study_survives_a_resume_from_an_older_snapshot(tmp_path):

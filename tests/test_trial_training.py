@@ -1,23 +1,25 @@
 """One trial's training, without Ray: LoRA learns, the base stays frozen, and gradients survive the
 bitsandbytes CPU repack pitfall after an evaluation pass."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from sweeps.config import load_config
-from sweeps.data import check_and_filter, prepare_splits, read_splits
-from trainables.model_loading import keep_bnb_cpu_training_layout, load_base_model
-from trainables.qlora_trial import TrialSpec, build_trainer
+from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
+from trainables.model_loading import choose_precision, keep_bnb_cpu_training_layout, load_base_model
+from trainables.qlora_trial import build_trainer
+from trainables.trial_spec import BaseModelSpec, TrialSpec, TrialSpecError
 
 
-def make_spec(model_dir, **changes) -> TrialSpec:
-    config = load_config(None, [])
-    settings = {**vars(config.training), **vars(config.model), "model_dir": str(model_dir), "max_length": 64}
-    spec = TrialSpec.from_tune_config(settings, {"learning_rate": 3e-2, "max_steps": 4, "eval_steps": 2,
-                                                 "per_device_train_batch_size": 8})
-    return dataclasses.replace(spec, **changes)
+def make_spec(model_dir, cpu_fallback: str = "bf16", **changes) -> TrialSpec:
+    """A trial of the default config on the tiny model, the base decided as the driver decides it."""
+    config = load_config(None, [f"model.cpu_fallback={cpu_fallback}"])
+    cuda = torch.cuda.is_available()
+    precision, _ = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, cuda)
+    base = BaseModelSpec(model_dir=str(model_dir), precision=precision, device="cuda" if cuda else "cpu")
+    spec = TrialSpec.from_tune_config(config.training, {"learning_rate": 3e-2, "max_steps": 4, "eval_steps": 2,
+                                                        "per_device_train_batch_size": 8}, base, max_length=64)
+    return spec.with_training(**changes)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,12 @@ def test_a_trial_resumes_from_its_tune_checkpoint(tiny_model_dir, rows, tmp_path
     assert seen["lora_b_at_resume"] > 0  # the trained adapter came back (a fresh LoRA B is all zeros)
 
 
+def test_a_sampled_key_that_is_no_training_setting_fails_naming_it(tiny_model_dir):
+    spec = make_spec(tiny_model_dir)
+    with pytest.raises(TrialSpecError, match=r"\['learnig_rate'\], which are not training settings; valid: lora_r"):
+        TrialSpec.from_tune_config(spec.training, {"learnig_rate": 1e-3}, spec.base, spec.max_length)
+
+
 def _eval_losses(trainer) -> list[float]:
     return [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
 
@@ -124,7 +132,7 @@ def test_a_reused_base_trains_exactly_like_a_fresh_one(tiny_model_dir, rows, tmp
     from trainables.base_model_cache import release_base_model
 
     spec = make_spec(tiny_model_dir, cpu_fallback=cpu_fallback, lora_target_modules="attn_qv", lora_r=4)
-    other = dataclasses.replace(spec, lora_target_modules="all_linear", lora_r=8, learning_rate=1e-2)
+    other = spec.with_training(lora_target_modules="all_linear", lora_r=8, learning_rate=1e-2)
 
     release_base_model()
     fresh = build_trainer(spec, rows["train"], rows["validation"], output_dir=str(tmp_path / "a"))

@@ -130,12 +130,13 @@ def convert_gguf_once(gguf_path: Path) -> Path:
         partial = target.with_name(target.name + ".partial")
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        _drop_quantization_config(partial)
+        drop_quantization_config(partial)
         partial.rename(target)  # atomic: a reader sees a whole directory or none
     return target
 
 
-def _drop_quantization_config(model_dir: Path) -> None:
+def drop_quantization_config(model_dir: Path) -> None:
+    """A de-quantized or merged model's config.json must not still announce a quantization (CONVENTIONS.md)."""
     import json
 
     config_path = model_dir / "config.json"
@@ -154,18 +155,20 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def choose_precision(load_in_4bit: bool, cpu_fallback: str, cuda_available: bool) -> tuple[str, str]:
-    """("4bit" | "bf16", a one-line description of the path that runs)."""
+def choose_precision(load_in_4bit: bool, cpu_fallback: str, cuda: bool) -> tuple[str, str]:
+    """("4bit" | "bf16", a one-line description of the path that runs): the one place that decides it. `cuda`:
+    whether the trials (and the evaluation stage) get a GPU."""
     if not load_in_4bit:
         return "bf16", "LoRA on a bf16 base (model.load_in_4bit=false)"
-    if cuda_available:
+    if cuda:
         return "4bit", "QLoRA: 4-bit bitsandbytes base on CUDA, bf16 compute"
     if cpu_fallback == "4bit":
         return "4bit", "QLoRA on CPU: 4-bit bitsandbytes base (model.cpu_fallback=4bit; slower than bf16)"
     if cpu_fallback == "bf16":
         return "bf16", "no CUDA device: LoRA on a bf16 base instead of 4-bit (model.cpu_fallback=bf16)"
-    raise RuntimeError("model.load_in_4bit=true but no CUDA device is available and model.cpu_fallback=refuse; "
-                       "set model.cpu_fallback=bf16 or 4bit, or run on a GPU node")
+    raise ModelError("model.load_in_4bit=true needs CUDA, but the trials get no GPU and model.cpu_fallback=refuse; "
+                     "set model.cpu_fallback=bf16 (LoRA on a bf16 base) or 4bit (bitsandbytes on CPU), or run on a "
+                     "GPU node")
 
 
 def load_base_model(model_dir: str, precision: str, quant_type: str = "nf4", double_quant: bool = True,

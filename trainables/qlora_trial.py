@@ -8,67 +8,33 @@ import time
 # counts the imports for the first trial in a process, not for later trials on a reused Ray actor.
 MODULE_IMPORTED_AT = time.time()
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from trainables.lora_presets import target_modules_for  # noqa: E402
 from trainables.step_timer import StepTimer  # noqa: E402
+from trainables.trial_spec import BaseModelSpec, TrainingConfig, TrialSpec  # noqa: E402
 
 TRIAL_STATE_FILE = "lorasweep_trial_state.json"
 _trials_in_process = 0  # trials this process has started: more than one on a reused Ray actor
 TOKEN_COLUMNS = ("input_ids", "completion_mask")
 
 
-@dataclass
-class TrialSpec:
-    """Everything one trial needs, flat: the sweep's fixed settings overlaid by the searched values."""
-
-    model_dir: str
-    load_in_4bit: bool
-    bnb_4bit_quant_type: str
-    bnb_4bit_use_double_quant: bool
-    cpu_fallback: str
-    trust_remote_code: bool
-    max_length: int
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: str
-    learning_rate: float
-    max_steps: int
-    eval_steps: int
-    per_device_train_batch_size: int
-    per_device_eval_batch_size: int
-    gradient_accumulation_steps: int
-    warmup_steps: int
-    lr_scheduler_type: str
-    weight_decay: float
-    gradient_checkpointing: bool
-    padding_free: bool
-    seed: int
-
-    @classmethod
-    def from_tune_config(cls, settings: dict, tune_config: dict) -> "TrialSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        merged = {**settings, **tune_config}
-        return cls(**{k: v for k, v in merged.items() if k in names})
-
-
-def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict], eval_rows: list[dict]) -> None:
-    """The Ray Tune function trainable; `settings` and the rows arrive through tune.with_parameters."""
+def train_qlora_trial(tune_config: dict, training: TrainingConfig, base: BaseModelSpec, max_length: int,
+                      train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """The Ray Tune function trainable: `tune_config` holds the sampled values; the training section, the base,
+    data.max_length and the rows arrive through tune.with_parameters."""
     from ray import tune
 
     global _trials_in_process
     started = MODULE_IMPORTED_AT if _trials_in_process == 0 else time.time()
     _trials_in_process += 1
     _reset_peak_memory()  # a reused actor's peak would otherwise be its earlier trials'
-    spec = TrialSpec.from_tune_config(settings, tune_config)
+    spec = TrialSpec.from_tune_config(training, tune_config, base, max_length)
     checkpoint = tune.get_checkpoint()
     # Nothing is saved in the trainer's own directory (checkpoints go to Tune), but it wants one.
     with tempfile.TemporaryDirectory(prefix="lorasweep-trial-") as scratch:
@@ -77,7 +43,7 @@ def train_qlora_trial(tune_config: dict, settings: dict, train_rows: list[dict],
             resume_dir = Path(scratch) / "resume"
             checkpoint.to_directory(str(resume_dir))
             state = json.loads((resume_dir / TRIAL_STATE_FILE).read_text())
-            if state["step"] >= spec.max_steps:
+            if state["step"] >= spec.training.max_steps:
                 # It had finished before Tune's snapshot recorded it: report the final metrics again
                 # instead of training it again.
                 tune.report(state)
@@ -95,23 +61,24 @@ def train_with_micro_batch_fallback(spec: TrialSpec, train_rows: list[dict], eva
     import torch
 
     trainer = build_trainer(spec, train_rows, eval_rows, output_dir=output_dir)
-    callback.tokenizer = trainer.processing_class
     trainer.add_callback(callback)
     resume = str(resume_dir) if resume_dir else None
     try:
         trainer.train(resume_from_checkpoint=resume)
         return None
     except torch.OutOfMemoryError:
-        if spec.per_device_train_batch_size == 1:
+        if spec.training.per_device_train_batch_size == 1:
             raise
     # Out of the except block, so that the exception's frames no longer hold the failed step's tensors.
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
-    smaller = dataclasses.replace(spec, per_device_train_batch_size=spec.per_device_train_batch_size // 2,
-                                  gradient_accumulation_steps=spec.gradient_accumulation_steps * 2)
-    note = (f"CUDA out of memory at micro-batch {spec.per_device_train_batch_size}; retried with "
-            f"{smaller.per_device_train_batch_size} x {smaller.gradient_accumulation_steps} accumulation")
+    training = spec.training
+    smaller = spec.with_training(per_device_train_batch_size=training.per_device_train_batch_size // 2,
+                                 gradient_accumulation_steps=training.gradient_accumulation_steps * 2)
+    note = (f"CUDA out of memory at micro-batch {training.per_device_train_batch_size}; retried with "
+            f"{smaller.training.per_device_train_batch_size} x {smaller.training.gradient_accumulation_steps} "
+            f"accumulation")
     print(f"[lorasweep] {note}", flush=True)
     callback.note = note
     trainer = build_trainer(smaller, train_rows, eval_rows, output_dir=output_dir)
@@ -121,9 +88,8 @@ def train_with_micro_batch_fallback(spec: TrialSpec, train_rows: list[dict], eva
 
 
 def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict], output_dir: str):
-    """Base model (4-bit on CUDA, the configured fallback on CPU) + LoRA + a TRL SFTTrainer on
+    """The base of spec.base (4-bit or bf16, on the device the driver chose) + LoRA + a TRL SFTTrainer on
     prompt/completion rows with the loss on completions only."""
-    import torch
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar as disable_datasets_progress_bars
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -132,66 +98,63 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     from trl import SFTConfig, SFTTrainer
 
     from trainables.base_model_cache import acquire_base_model, remember_adapter
-    from trainables.model_loading import choose_precision, load_base_model, load_tokenizer
+    from trainables.model_loading import load_base_model, load_tokenizer
 
     # One line per evaluation from Tune, not a scroll of library warnings and progress bars per trial.
     warnings.filterwarnings("ignore", category=FutureWarning)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     disable_datasets_progress_bars()
-    cuda = torch.cuda.is_available()
-    precision, path_line = choose_precision(spec.load_in_4bit, spec.cpu_fallback, cuda)
-    device = "cuda" if cuda else "cpu"
+    base, t = spec.base, spec.training
+    cuda = base.device == "cuda"
 
     def load():
-        model = load_base_model(spec.model_dir, precision, spec.bnb_4bit_quant_type, spec.bnb_4bit_use_double_quant,
-                                spec.trust_remote_code, device=device)
-        if precision == "4bit":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        model = load_base_model(base.model_dir, base.precision, base.bnb_4bit_quant_type,
+                                base.bnb_4bit_use_double_quant, base.trust_remote_code, device=base.device)
+        if base.precision == "4bit":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
         return model
 
-    key = (spec.model_dir, precision, spec.bnb_4bit_quant_type, spec.bnb_4bit_use_double_quant,
-           spec.trust_remote_code, device, spec.gradient_checkpointing)
-    model, reused = acquire_base_model(key, load)
-    print(f"[lorasweep] trial path: {path_line}" + ("; base model reused from this worker's previous trial"
-                                                    if reused else ""), flush=True)
-    tokenizer = load_tokenizer(spec.model_dir, spec.trust_remote_code)
+    model, reused = acquire_base_model((base, t.gradient_checkpointing), load)
+    print(f"[lorasweep] trial path: {base.precision} base on {base.device}"
+          + ("; base model reused from this worker's previous trial" if reused else ""), flush=True)
+    tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)
     # Seeds right before the adapter exists (LoRA's A matrices are drawn from the global RNG), so that a
     # reused base and a freshly loaded one give the same adapter.
-    set_seed(spec.seed)
-    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=target_modules_for(spec.lora_target_modules), task_type="CAUSAL_LM")
+    set_seed(t.seed)
+    lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                      target_modules=target_modules_for(t.lora_target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     remember_adapter(model)
 
     args = SFTConfig(
         output_dir=output_dir,
-        max_steps=spec.max_steps,
+        max_steps=t.max_steps,
         eval_strategy="steps",
-        eval_steps=spec.eval_steps,
+        eval_steps=t.eval_steps,
         save_strategy="no",
-        logging_steps=spec.eval_steps,
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        per_device_eval_batch_size=spec.per_device_eval_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate,
-        warmup_steps=spec.warmup_steps,
-        lr_scheduler_type=spec.lr_scheduler_type,
-        weight_decay=spec.weight_decay,
-        gradient_checkpointing=spec.gradient_checkpointing,
+        logging_steps=t.eval_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        gradient_checkpointing=t.gradient_checkpointing,
         # The CPU path already holds bf16 weights; autocast there costs time and buys nothing.
         bf16=cuda,
         use_cpu=not cuda,
         # Padding-free: each batch is one flat sequence with position_ids restarting per example, so no compute
         # goes to pad tokens; transformers' attention masks keep the examples apart (also with SDPA). Rows are
         # already cut to data.max_length by the driver, and TRL refuses a max_length it would not enforce.
-        padding_free=spec.padding_free,
-        max_length=None if spec.padding_free else spec.max_length,
+        padding_free=t.padding_free,
+        max_length=None if t.padding_free else spec.max_length,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=True,
-        seed=spec.seed,
+        seed=t.seed,
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
@@ -227,7 +190,6 @@ class _ReportToTune(StepTimer):
     def __init__(self, started: float):
         # started: the trial's start (its imports, for a process's first trial)
         super().__init__(started)
-        self.tokenizer = None  # set by train_with_micro_batch_fallback, which builds the trainer
         self.last_train_loss = float("nan")
         self.note = ""  # what was retried (an out-of-memory fallback), shown in the leaderboard
 
@@ -235,7 +197,8 @@ class _ReportToTune(StepTimer):
         if logs and "loss" in logs:
             self.last_train_loss = float(logs["loss"])
 
-    def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, optimizer=None,
+                    lr_scheduler=None, **kwargs):
         from ray import tune
 
         eval_loss = float(metrics["eval_loss"])
@@ -262,7 +225,8 @@ class _ReportToTune(StepTimer):
             tune.report(report)
             return control
         with tempfile.TemporaryDirectory(prefix="lorasweep-adapter-") as checkpoint_dir:
-            save_trial_checkpoint(Path(checkpoint_dir), model, self.tokenizer, state, optimizer, lr_scheduler, report)
+            save_trial_checkpoint(Path(checkpoint_dir), model, processing_class, state, optimizer, lr_scheduler,
+                                  report)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         return control
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny Llama built from a config (no downloads) and a small slice of CLINC150."""
+"""Shared fixtures: a tiny Llama built from a config (no downloads), a small slice of CLINC150, throwaway Ray
+clusters; and the two tiers: `pytest` runs the fast tier, `pytest --sweeps` also the tests that run real Ray
+sweeps in subprocesses (marked `sweep`), as the README's test command and CI do."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,31 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLINC = PROJECT_ROOT / "sweeps" / "data" / "clinc150"
 TEST_INTENTS = ["balance", "alarm", "calories"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweeps", action="store_true",
+                     help="also run the tests marked `sweep`, which run real Ray sweeps (minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--sweeps"):
+        return
+    sweeps = [item for item in items if item.get_closest_marker("sweep")]
+    if sweeps:
+        config.hook.pytest_deselected(items=sweeps)
+        items[:] = [item for item in items if not item.get_closest_marker("sweep")]
+        config.stash[_DESELECTED_SWEEPS] = len(sweeps)
+
+
+_DESELECTED_SWEEPS = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.stash.get(_DESELECTED_SWEEPS, 0)
+    if count:
+        terminalreporter.write_line(f"{count} tests that run real Ray sweeps were left out: `pytest --sweeps` runs "
+                                    f"them too (the README's test command and CI do)")
 
 
 def _clinc_rows(split: str, per_intent: int) -> list[dict]:
@@ -87,11 +116,8 @@ def run_lora_search(args: list[str], ray_tmp: Path, timeout: int = 600, **popen)
 
 def run_tiny_sweep(model_dir: Path, data_dir: Path, out_dir: Path, name: str) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the tiny 2-trial sweep to the end on a throwaway Ray instance; (experiment dir, the finished process)."""
-    ray_tmp = short_ray_tmp()
-    try:
+    with throwaway_ray() as ray_tmp:
         proc = run_lora_search(tiny_sweep_overrides(model_dir, data_dir, out_dir, name), ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out_dir / name, proc
 
@@ -104,13 +130,24 @@ def ray_test_env(ray_tmp: Path) -> dict:
     return env
 
 
-def short_ray_tmp() -> Path:
-    """A temp root for a test cluster: short, because Ray's socket paths must stay under 107 bytes."""
-    import tempfile
+@contextmanager
+def throwaway_ray():
+    """A temp root for a test's own Ray processes, short because Ray's socket paths must stay under 107 bytes;
+    every process started under it (raylet, GCS, workers, also of a killed driver) is killed on the way out."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lsray", dir="/tmp"))
+    try:
+        yield ray_tmp
+    finally:
+        stop_ray_processes(ray_tmp)
 
-    return Path(tempfile.mkdtemp(prefix="lsray", dir="/tmp"))
+
+@pytest.fixture
+def ray_tmp():
+    """throwaway_ray() for one test: pass it to run_lora_search / ray_test_env."""
+    with throwaway_ray() as path:
+        yield path
 
 
 def stop_ray_processes(ray_tmp: Path) -> None:
-    """Kill what a killed driver left behind (its local raylet, GCS and workers)."""
+    """Kill what a driver left behind under ray_tmp (its local raylet, GCS and workers)."""
     subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)

@@ -6,10 +6,21 @@ import math
 import subprocess
 import sys
 
-from conftest import PROJECT_ROOT, ray_test_env, short_ray_tmp, stop_ray_processes
+import pytest
+
+from conftest import PROJECT_ROOT, ray_test_env
+from sweeps.benchmark import speed_line
 
 
-def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_the_speed_line_says_faster_or_slower_as_the_times_say():
+    assert speed_line({"way": "baseline", "sweep_seconds": 740}, {"way": "lorasweep", "sweep_seconds": 56}) \
+        == "lorasweep sweep wall time: 13.21x faster than baseline"
+    assert speed_line({"way": "baseline", "sweep_seconds": 50}, {"way": "lorasweep", "sweep_seconds": 100}) \
+        == "lorasweep sweep wall time: 2.00x slower than baseline"
+
+
+@pytest.mark.sweep
+def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
     overrides = [
         f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}", "model.cpu_fallback=bf16",
         f"output.dir={tmp_path}", "sweep.run_cap=2", "sweep.max_concurrent_trials=1", "training.max_steps=4",
@@ -17,15 +28,11 @@ def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir
         "data.max_validation_rows=16", "data.max_test_rows=16", "eval.top_k=1", "eval.batch_size=16",
         "eval.max_new_tokens=6", "resources.eval_cpus=1",
     ]
-    ray_tmp = short_ray_tmp()
-    try:
-        for way in ("baseline", "lorasweep"):
-            proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), way, "--config",
-                                   str(PROJECT_ROOT / "sweeps" / "configs" / "benchmark.yaml"), *overrides],
-                                  env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    finally:
-        stop_ray_processes(ray_tmp)
+    for way in ("baseline", "lorasweep"):
+        proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), way, "--config",
+                               str(PROJECT_ROOT / "sweeps" / "configs" / "benchmark.yaml"), *overrides],
+                              env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     figures = {way: json.loads((tmp_path / f"benchmark_{way}.json").read_text()) for way in ("baseline", "lorasweep")}
     for way, f in figures.items():
@@ -42,4 +49,5 @@ def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir
     table = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), "table", str(tmp_path)],
                            capture_output=True, text=True, check=True).stdout
     assert "| | baseline | lorasweep |" in table and "sweep wall time" in table
-    assert "faster than baseline" in table
+    # The comparison line follows the measured times, whichever way they went.
+    assert speed_line(figures["baseline"], figures["lorasweep"]) in table

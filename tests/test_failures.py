@@ -5,17 +5,17 @@ import subprocess
 import sys
 import time
 
-from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+import pytest
+
+from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, tiny_sweep_overrides
+
+pytestmark = pytest.mark.sweep
 
 
-def test_diverged_trial_is_marked_failed_and_the_sweep_goes_on(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_diverged_trial_is_marked_failed_and_the_sweep_goes_on(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "nan") + [
         "sweep.parameters={learning_rate: {values: [3.0e-2, 1.0e+30]}}", "sweep.early_terminate={type: none}"]
-    ray_tmp = short_ray_tmp()
-    try:
-        proc = run_lora_search(args, ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
+    proc = run_lora_search(args, ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["learning_rate"]: r for r in json.loads((tmp_path / "nan" / "leaderboard.json").read_text())["rows"]
             if r["trial_id"] != "base"}
@@ -30,10 +30,10 @@ def test_diverged_trial_is_marked_failed_and_the_sweep_goes_on(tiny_model_dir, t
     assert len(reported) == 1 and reported[0]["eval_loss"] == float("inf")
 
 
-def test_lost_worker_node_retries_the_trial_from_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_lost_worker_node_retries_the_trial_from_its_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                                ray_tmp):
     from ray.cluster_utils import Cluster
 
-    ray_tmp = short_ray_tmp()
     for key, value in ray_test_env(ray_tmp).items():
         monkeypatch.setenv(key, value)
     # The head runs the driver only; trials and the evaluation stage need a worker node.
@@ -62,7 +62,6 @@ def test_lost_worker_node_retries_the_trial_from_its_checkpoint(tiny_model_dir, 
         if driver.poll() is None:
             driver.kill()
         cluster.shutdown()
-        stop_ray_processes(ray_tmp)
     assert driver.returncode == 0, out[-4000:]
     assert "trial resumes from its checkpoint at step" in out
     steps = [json.loads(l)["step"] for f in results.glob("*/result.json") for l in f.read_text().splitlines()]

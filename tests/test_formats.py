@@ -6,26 +6,23 @@ import math
 
 import pytest
 
-from conftest import CLINC, PROJECT_ROOT, run_lora_search, short_ray_tmp, stop_ray_processes
+from conftest import CLINC, PROJECT_ROOT, run_lora_search
 from sweeps.config import load_config
 from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("example", ["alpaca", "prompt_completion", "messages"])
-def test_example_config_runs_end_to_end(example, tiny_model_dir, tmp_path):
-    ray_tmp = short_ray_tmp()
-    try:
-        proc = run_lora_search(
-            ["--config", str(PROJECT_ROOT / "sweeps" / "configs" / f"{example}.yaml"),
-             f"data.dataset_name={PROJECT_ROOT / load_config(str(PROJECT_ROOT / 'sweeps' / 'configs' / f'{example}.yaml')).data.dataset_name}",
-             f"model.model_name_or_path={tiny_model_dir}", f"output.dir={tmp_path}", "output.name=run",
-             "training.max_steps=4", "training.eval_steps=2", "training.per_device_train_batch_size=8",
-             "data.max_train_rows=64", "data.max_test_rows=16",
-             "sweep.method=grid", "sweep.parameters={learning_rate: {values: [3.0e-2]}}", "eval.top_k=1",
-             "eval.max_new_tokens=6", "eval.merge_check_prompts=4", "resources.eval_cpus=1"],
-            ray_tmp, cwd=PROJECT_ROOT)
-    finally:
-        stop_ray_processes(ray_tmp)
+def test_example_config_runs_end_to_end(example, tiny_model_dir, tmp_path, ray_tmp):
+    proc = run_lora_search(
+        ["--config", str(PROJECT_ROOT / "sweeps" / "configs" / f"{example}.yaml"),
+         f"data.dataset_name={PROJECT_ROOT / load_config(str(PROJECT_ROOT / 'sweeps' / 'configs' / f'{example}.yaml')).data.dataset_name}",
+         f"model.model_name_or_path={tiny_model_dir}", f"output.dir={tmp_path}", "output.name=run",
+         "training.max_steps=4", "training.eval_steps=2", "training.per_device_train_batch_size=8",
+         "data.max_train_rows=64", "data.max_test_rows=16",
+         "sweep.method=grid", "sweep.parameters={learning_rate: {values: [3.0e-2]}}", "eval.top_k=1",
+         "eval.max_new_tokens=6", "eval.merge_check_prompts=4", "resources.eval_cpus=1"],
+        ray_tmp, cwd=PROJECT_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     board = json.loads((tmp_path / "run" / "leaderboard.json").read_text())
     trial = next(r for r in board["rows"] if r["trial_id"] != "base")

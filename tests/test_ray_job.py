@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import PROJECT_ROOT, ray_test_env, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+import pytest
+
+from conftest import PROJECT_ROOT, ray_test_env, throwaway_ray, tiny_sweep_overrides
+
+pytestmark = pytest.mark.sweep
 
 
 def free_port() -> int:
@@ -18,8 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_job_submit_runs_the_sweep_on_a_head_and_a_worker_node(tiny_model_dir, tiny_data_dir, tmp_path):
-    ray_tmp, worker_tmp = short_ray_tmp(), short_ray_tmp()
+def test_job_submit_runs_the_sweep_on_a_head_and_a_worker_node(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
+    with throwaway_ray() as worker_tmp:
+        submit = submit_to_a_two_node_cluster(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp, worker_tmp)
+        # A trial ran on the worker node: its worker processes logged there, in the node's own temp dir.
+        worker_logs = "".join(path.read_text(errors="replace") for path in worker_tmp.glob("session_*/logs/worker-*"))
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "succeeded" in submit.stdout
+    board = json.loads((tmp_path / "job" / "leaderboard.json").read_text())
+    assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
+    assert (tmp_path / "job" / "merged_model" / "config.json").is_file()
+    assert "[lorasweep] trial path:" in worker_logs, "no trial ran on the worker node"
+
+
+def submit_to_a_two_node_cluster(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp, worker_tmp):
+    """`ray start --head`, `ray start --address` for a worker node, then `ray job submit` of the tiny sweep."""
     env = ray_test_env(ray_tmp)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` is the project's venv
     bin_dir = Path(sys.executable).parent
@@ -48,13 +65,4 @@ def test_job_submit_runs_the_sweep_on_a_head_and_a_worker_node(tiny_model_dir, t
     finally:
         # `ray stop` also ends the dashboard and job agents, whose process names do not carry the temp dir.
         subprocess.run([str(bin_dir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        stop_ray_processes(ray_tmp)
-        stop_ray_processes(worker_tmp)
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-    assert "succeeded" in submit.stdout
-    board = json.loads((tmp_path / "job" / "leaderboard.json").read_text())
-    assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
-    assert (tmp_path / "job" / "merged_model" / "config.json").is_file()
-    # A trial ran on the worker node: its worker processes logged there, in the node's own temp dir.
-    worker_logs = "".join(path.read_text(errors="replace") for path in worker_tmp.glob("session_*/logs/worker-*"))
-    assert "[lorasweep] trial path:" in worker_logs, "no trial ran on the worker node"
+    return submit

@@ -246,6 +246,7 @@ def rendered(relocated_sweep, tmp_path_factory):
 
 
 @needs_chromium
+@pytest.mark.sweep
 def test_rendered_report_shows_every_trial_and_draws_the_plots(rendered, relocated_sweep):
     tree = rendered["tree"]
     board = json.loads((relocated_sweep / "leaderboard.json").read_text())
@@ -272,6 +273,7 @@ def test_rendered_report_shows_every_trial_and_draws_the_plots(rendered, relocat
 
 
 @needs_chromium
+@pytest.mark.sweep
 def test_rendered_report_has_no_script_errors(rendered):
     html_element = next(rendered["tree"].iter("html"))
     assert html_element.attrs.get("data-js-ready") == "true"  # the page's script ran to its end
@@ -280,6 +282,7 @@ def test_rendered_report_has_no_script_errors(rendered):
 
 
 @needs_chromium
+@pytest.mark.sweep
 def test_the_page_lays_out_every_leaderboard_row_and_plot_on_screen(rendered, relocated_sweep):
     """What the screenshot shows, measured: a page beside the report reads the laid-out boxes in an iframe of
     the screenshot's width; every leaderboard row is on screen with its trial id and status as text, and the
@@ -322,6 +325,7 @@ document.getElementById('page').addEventListener('load', function () {
 
 
 @needs_chromium
+@pytest.mark.sweep
 def test_clicking_a_header_sorts_the_leaderboard(rendered):
     # A page beside the report clicks the header in an iframe and records the row order after each click.
     harness = rendered["report"].with_name("sort_check.html")

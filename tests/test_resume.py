@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+import pytest
+
+from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, stop_ray_processes, tiny_sweep_overrides
+
+pytestmark = pytest.mark.sweep
 
 
 def finished_trial_dirs(tune_dir: Path, evaluations: int) -> list[Path]:
@@ -19,14 +23,13 @@ def finished_trial_dirs(tune_dir: Path, evaluations: int) -> list[Path]:
             if (d / "result.json").is_file() and len((d / "result.json").read_text().splitlines()) >= evaluations]
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "resume") + [
         "sweep.parameters={learning_rate: {values: [3.0e-2, 2.0e-2, 1.0e-2]}}",
         "sweep.early_terminate={type: none}",  # every trial runs to the end: three full trials expected
         "eval.merge=false",
     ]
     tune_dir = tmp_path / "resume" / "tune"
-    ray_tmp = short_ray_tmp()
     driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
                               env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -40,14 +43,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, 
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
-        stop_ray_processes(ray_tmp)
+        stop_ray_processes(ray_tmp)  # what the killed driver left running, before the same command runs again
     assert not (tmp_path / "resume" / "leaderboard.json").exists()
     done_before = (first_done[0] / "result.json").read_text()
 
-    try:
-        proc = run_lora_search(args, ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
+    proc = run_lora_search(args, ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming the sweep" in proc.stdout
     # The finished trial was not trained again: its steps never restart. (If Tune's snapshot missed its
@@ -62,10 +62,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, 
     assert sorted(r["learning_rate"] for r in trial_rows) == [1e-2, 2e-2, 3e-2]
 
 
-def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                             ray_tmp):
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "evalcrash")
     experiment = tmp_path / "evalcrash"
-    ray_tmp = short_ray_tmp()
     driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
                               env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
@@ -76,16 +76,13 @@ def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tin
                 break
         driver.wait()
     finally:
-        stop_ray_processes(ray_tmp)
+        stop_ray_processes(ray_tmp)  # what the killed driver left running, before the same command runs again
     assert driver.returncode == -signal.SIGKILL
     assert not (experiment / "leaderboard.json").exists() and not (experiment / "merged_model").exists()
     results_before = {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")}
     assert len(results_before) == 2
 
-    try:
-        proc = run_lora_search(args, ray_tmp)
-    finally:
-        stop_ray_processes(ray_tmp)
+    proc = run_lora_search(args, ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")} == results_before  # no trial re-ran
     board = json.loads((experiment / "leaderboard.json").read_text())

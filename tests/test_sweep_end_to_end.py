@@ -10,6 +10,8 @@ import torch
 
 from conftest import run_tiny_sweep
 
+pytestmark = pytest.mark.sweep
+
 
 @pytest.fixture(scope="module")
 def finished_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from conftest import run_lora_search, short_ray_tmp, stop_ray_processes, tiny_sweep_overrides
+from conftest import run_lora_search, throwaway_ray, tiny_sweep_overrides
 from sweeps.config import ConfigError, LorasweepConfig, load_config
 from sweeps.trackers import StoredStudyOptunaSearch, check_optuna_study
 
@@ -20,15 +20,11 @@ def tracked_sweep(tiny_model_dir, tiny_data_dir, tmp_path_factory):
         "sweep.method=bayes", "sweep.run_cap=2",  # the stored study needs Optuna, which a grid does not use
         "tracking.wandb=true", "tracking.mlflow=true", "tracking.optuna_storage=default",
     ]
-    ray_tmp = short_ray_tmp()
-    with pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env, throwaway_ray() as ray_tmp:
         # Offline because no key is set, whatever the machine running the tests has configured.
         env.delenv("WANDB_API_KEY", raising=False)
         env.delenv("WANDB_MODE", raising=False)
-        try:
-            proc = run_lora_search(args, ray_tmp)
-        finally:
-            stop_ray_processes(ray_tmp)
+        proc = run_lora_search(args, ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / NAME
 
@@ -81,6 +77,7 @@ def wandb_runs(experiment) -> list[dict]:
     return runs
 
 
+@pytest.mark.sweep
 def test_wandb_writes_one_offline_run_per_trial_in_the_sweeps_group(tracked_sweep):
     runs = [r for r in wandb_runs(tracked_sweep) if r["job_type"] != "evaluation"]
     losses = reported_losses(tracked_sweep)
@@ -90,6 +87,7 @@ def test_wandb_writes_one_offline_run_per_trial_in_the_sweeps_group(tracked_swee
         assert [h["eval_loss"] for h in run["history"] if "eval_loss" in h] == pytest.approx(losses[run["id"]])
 
 
+@pytest.mark.sweep
 def test_wandb_logs_the_held_out_generations_as_a_table(tracked_sweep):
     [run] = [r for r in wandb_runs(tracked_sweep) if r["job_type"] == "evaluation"]
     assert run["group"] == NAME
@@ -101,6 +99,7 @@ def test_wandb_logs_the_held_out_generations_as_a_table(tracked_sweep):
     assert sorted({row[0] for row in table["data"]}) == sorted(["base", winner]) and len(table["data"]) == 36
 
 
+@pytest.mark.sweep
 def test_mlflow_store_holds_one_run_per_trial_with_its_eval_losses(tracked_sweep):
     from mlflow import MlflowClient
 
@@ -129,6 +128,7 @@ def tensorboard_scalars(path) -> dict[str, list[float]]:
     return scalars
 
 
+@pytest.mark.sweep
 def test_tensorboard_event_files_hold_each_trials_eval_loss(tracked_sweep):
     losses = reported_losses(tracked_sweep)
     logged = {}
@@ -141,6 +141,7 @@ def test_tensorboard_event_files_hold_each_trials_eval_loss(tracked_sweep):
         assert values == pytest.approx(losses[trial_id], rel=1e-6)  # stored as float32
 
 
+@pytest.mark.sweep
 def test_optuna_study_matches_the_leaderboard(tracked_sweep):
     import optuna
 

@@ -1,0 +1,157 @@
+"""Many LoRA adapters on one frozen base, computed in one forward: every linear layer of the base (but the output
+head) is wrapped in a MultiLoraLinear that holds a slot per adapter, and each step's tokens arrive grouped by
+slot. Written here rather than taken from PEFT because PEFT trains one active adapter at a time (its mixed-adapter
+batches are inference-only, peft#2749); PEFT stays the checkpoint format (trainables/engine.py exports to it).
+
+Layout (../shared/research/multi-lora.md, section 4): per wrapped module one leaf `A: [S, R, d_in]` and one leaf
+`B: [S, d_out, R]`, with R the largest rank of the study and slot s using rows/columns [:r_s]; a slot that does
+not target a module has scale 0 there. Padding is exact: the padded rows and columns start at zero and their
+gradients are zero, so they stay zero. The base matmul runs once over all slots' tokens.
+
+Dropout is drawn from a counter-based hash of (slot seed, slot step, module, token position within the slot,
+feature), not from the global RNG, so that an adapter's masks do not depend on which neighbours share its step:
+an adapter trained beside others sees exactly what it would see alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class Routing:
+    """The current step's layout, shared by every MultiLoraLinear of a model: which contiguous token ranges of the
+    flattened batch belong to which slot, and each slot's dropout key (seed and its own step)."""
+
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, end) over flattened tokens
+    dropout_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (seed, step); absent: no dropout
+    # Per segment, the position of its first token within the slot's own micro-batch (its rows may be split
+    # across segments when the batch is chunked); dropout masks are keyed by that position.
+    segment_offsets: list[int] = field(default_factory=list)
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus S LoRA slots of rank up to R."""
+
+    def __init__(self, base: nn.Module, module_index: int, slots: int, max_rank: int, routing: Routing):
+        super().__init__()
+        self.base = base
+        self.module_index = module_index  # keys this module's dropout masks
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = base.weight.device
+        # fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base.
+        self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, max_rank, device=device))
+        self.register_buffer("scale", torch.zeros(slots, device=device), persistent=False)
+        self.ranks = [0] * slots
+        self.dropout = [0.0] * slots
+        self.routing = routing
+
+    def set_slot(self, slot: int, rank: int, scale: float, dropout: float, lora_a: torch.Tensor | None) -> None:
+        """Give a slot its adapter: A's first `rank` rows (B starts at zero, as in LoRA), or scale 0 to leave this
+        module untouched by the slot."""
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            if lora_a is not None:
+                self.lora_A[slot, :rank].copy_(lora_a)
+            self.scale[slot] = scale
+        self.ranks[slot] = rank if scale else 0
+        self.dropout[slot] = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        segments = self.routing.segments
+        if not segments:
+            return result
+        flat = x.reshape(-1, self.in_features)
+        pieces = []
+        for (slot, start, end), offset in zip(segments, self.routing.segment_offsets):
+            rank = self.ranks[slot]
+            if rank == 0:
+                pieces.append(flat.new_zeros(end - start, self.out_features, dtype=torch.float32))
+                continue
+            rows = flat[start:end].to(torch.float32)
+            if self.training and self.dropout[slot] and slot in self.routing.dropout_keys:
+                rows = keyed_dropout(rows, self.dropout[slot], *self.routing.dropout_keys[slot], self.module_index,
+                                     offset)
+            hidden = rows @ self.lora_A[slot, :rank].T
+            pieces.append((hidden @ self.lora_B[slot, :, :rank].T) * self.scale[slot])
+        delta = torch.cat(pieces).reshape(*result.shape[:-1], self.out_features)
+        return (result + delta).to(result.dtype)
+
+
+def keyed_dropout(rows: torch.Tensor, p: float, seed: int, step: int, module_index: int, first_row: int) -> torch.Tensor:
+    """Inverted dropout whose mask depends only on the key and each element's position (row within the slot's
+    micro-batch, feature): the same on any device and beside any neighbours."""
+    n, d = rows.shape
+    positions = (torch.arange(n, device=rows.device, dtype=torch.int64)[:, None] + first_row) * d \
+        + torch.arange(d, device=rows.device, dtype=torch.int64)[None, :]
+    keep = _uniform(positions, _salt(seed, step, module_index)) >= p
+    return rows * keep / (1.0 - p)
+
+
+def _salt(*values: int) -> int:
+    salt = 0x243F6A88
+    for value in values:
+        salt = _mix32((salt ^ (value & _MASK32)) * 0x9E3779B1)
+    return salt
+
+
+def _mix32(x: int) -> int:
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _uniform(keys: torch.Tensor, salt: int) -> torch.Tensor:
+    """A uniform [0, 1) number per int64 key: the 32-bit lowbias hash, vectorized (no product leaves int64)."""
+    x = ((keys & _MASK32) ^ salt) * 0x9E3779B1 & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    x = x ^ (x >> 16)
+    return x.to(torch.float32) * (1.0 / 2**32)
+
+
+def wrap_linear_layers(model: nn.Module, slots: int, max_rank: int) -> tuple[Routing, dict[str, MultiLoraLinear]]:
+    """Replace every linear layer but the output head with a MultiLoraLinear (in place). Returns the shared
+    routing and {module name: wrapper}, in the model's module order (which keys dropout and PEFT's names)."""
+    output_head = model.get_output_embeddings()
+    routing = Routing()
+    targets = [(name, module) for name, module in model.named_modules()
+               if _is_linear(module) and module is not output_head]
+    wrappers = {}
+    for index, (name, module) in enumerate(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiLoraLinear(module, index, slots, max_rank, routing)
+        setattr(parent, child, wrapper)
+        wrappers[name] = wrapper
+    return routing, wrappers
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def kaiming_a(generator: torch.Generator, rank: int, in_features: int) -> torch.Tensor:
+    """LoRA's A initialization (PEFT's: kaiming_uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), drawn
+    from the adapter's own generator."""
+    bound = 1.0 / math.sqrt(in_features)
+    return torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator)

@@ -192,6 +192,18 @@ def load_base_model(model_dir: str, precision: str, quant_type: str = "nf4", dou
     return model
 
 
+def load_base_for_training(base, gradient_checkpointing: bool):
+    """The frozen base of a trainables.trial_spec.BaseModelSpec, ready for LoRA training: for 4-bit, PEFT's
+    prepare_model_for_kbit_training (norms and embeddings in fp32, input gradients for checkpointing)."""
+    model = load_base_model(base.model_dir, base.precision, base.bnb_4bit_quant_type, base.bnb_4bit_use_double_quant,
+                            base.trust_remote_code, device=base.device)
+    if base.precision == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
 def keep_bnb_cpu_training_layout(model) -> int:
     """On CPUs with AVX512-BF16, a no-grad forward repacks bitsandbytes 4-bit weights into an inference
     layout, after which backward through frozen layers silently yields zero gradients (DESIGN.md).

@@ -28,7 +28,8 @@ class Routing:
     """The current step's layout, shared by every MultiLoraLinear of a model: which contiguous token ranges of the
     flattened batch belong to which slot, and each slot's dropout key (seed and its own step)."""
 
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, start, end) over flattened tokens
+    # (slot, start, end) over the flattened tokens, covering them in order; slot -1: padding, no adapter
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
     dropout_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (seed, step); absent: no dropout
     # Per segment, the position of its first token within the slot's own micro-batch (its rows may be split
     # across segments when the batch is chunked); dropout masks are keyed by that position.
@@ -72,7 +73,7 @@ class MultiLoraLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         pieces = []
         for (slot, start, end), offset in zip(segments, self.routing.segment_offsets):
-            rank = self.ranks[slot]
+            rank = self.ranks[slot] if slot >= 0 else 0
             if rank == 0:
                 pieces.append(flat.new_zeros(end - start, self.out_features, dtype=torch.float32))
                 continue

@@ -92,13 +92,13 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     prompt/completion rows with the loss on completions only."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar as disable_datasets_progress_bars
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import PrinterCallback, set_seed
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
     from trainables.base_model_cache import acquire_base_model, remember_adapter
-    from trainables.model_loading import load_base_model, load_tokenizer
+    from trainables.model_loading import load_base_for_training, load_tokenizer
 
     # One line per evaluation from Tune, not a scroll of library warnings and progress bars per trial.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -108,14 +108,8 @@ def build_trainer(spec: TrialSpec, train_rows: list[dict], eval_rows: list[dict]
     base, t = spec.base, spec.training
     cuda = base.device == "cuda"
 
-    def load():
-        model = load_base_model(base.model_dir, base.precision, base.bnb_4bit_quant_type,
-                                base.bnb_4bit_use_double_quant, base.trust_remote_code, device=base.device)
-        if base.precision == "4bit":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-        return model
-
-    model, reused = acquire_base_model((base, t.gradient_checkpointing), load)
+    model, reused = acquire_base_model((base, t.gradient_checkpointing),
+                                       lambda: load_base_for_training(base, t.gradient_checkpointing))
     print(f"[lorasweep] trial path: {base.precision} base on {base.device}"
           + ("; base model reused from this worker's previous trial" if reused else ""), flush=True)
     tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)

@@ -1,0 +1,231 @@
+"""The shared-base engine on CPU with the tiny model: an adapter trained beside others with other ranks, targets,
+learning rates, schedules, dropouts and accumulation matches the same adapter trained alone; the engine's math
+matches PEFT + torch.optim.AdamW + clip_grad_norm_ + transformers' schedule step by step; a diverging neighbour
+fails alone; the saved adapter is a PEFT adapter that scores as the engine does; a checkpoint resumes exactly."""
+
+import math
+
+import pytest
+import torch
+
+from test_trial_training import tokenized_rows
+from trainables.engine import LoraEngine
+from trainables.multi_lora import keyed_dropout
+from trainables.trial_spec import BaseModelSpec, TrainingConfig
+
+MAX_RANK = 16
+# The adapter under test, and three neighbours that differ from it in everything an adapter can differ in.
+SUBJECT = TrainingConfig(lora_r=8, lora_alpha=16, lora_target_modules="attn_qv", lora_dropout=0.1, learning_rate=1e-2,
+                         max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2, warmup_steps=2,
+                         lr_scheduler_type="cosine", weight_decay=0.01, per_device_eval_batch_size=8, seed=7)
+NEIGHBOURS = [
+    TrainingConfig(lora_r=4, lora_alpha=8, lora_target_modules="all_linear", lora_dropout=0.0, learning_rate=3e-2,
+                   max_steps=4, per_device_train_batch_size=8, seed=1),
+    TrainingConfig(lora_r=16, lora_alpha=32, lora_target_modules="mlp", lora_dropout=0.05, learning_rate=1e-3,
+                   max_steps=9, per_device_train_batch_size=2, gradient_accumulation_steps=3, seed=2),
+    TrainingConfig(lora_r=8, lora_alpha=8, lora_target_modules="attn_all", lora_dropout=0.2, learning_rate=5e-3,
+                   max_steps=6, per_device_train_batch_size=4, lr_scheduler_type="constant_with_warmup",
+                   warmup_steps=3, seed=3),
+]
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_model_dir, tiny_data_dir):
+    return tokenized_rows(tiny_model_dir, tiny_data_dir)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    # fp32 on CPU keeps the comparisons tight; the engine's code path is the same for bf16 and 4-bit bases.
+    return BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
+
+
+def engine_for(base, slots: int) -> LoraEngine:
+    engine = LoraEngine(base, slots=slots, max_rank=MAX_RANK)
+    engine.model.float()
+    return engine
+
+
+def base_as_the_engine_holds_it(base):
+    """The tiny base loaded in bf16 (precision "bf16"), then widened to fp32 as engine_for does."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base.model_dir, dtype=torch.bfloat16).float()
+
+
+def train(engine: LoraEngine) -> dict[int, list[float]]:
+    """Engine steps until every adapter is done; each slot's micro-batch losses in order."""
+    losses: dict[int, list[float]] = {}
+    while engine.active():
+        for slot, loss in engine.step().items():
+            losses.setdefault(slot, []).append(loss)
+    return losses
+
+
+def subject_weights(engine: LoraEngine, slot: int) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([m.lora_A[slot].flatten(), m.lora_B[slot].flatten()]).detach().clone()
+            for name, m in engine.modules.items()}
+
+
+def test_an_adapter_beside_three_others_trains_as_it_does_alone(base, rows):
+    together = engine_for(base, slots=4)
+    for config in NEIGHBOURS[:2]:
+        together.add(f"n{config.seed}", config, rows["train"], rows["validation"])
+    subject = together.add("subject", SUBJECT, rows["train"], rows["validation"])  # in slot 2, not 0
+    together.add("n3", NEIGHBOURS[2], rows["train"], rows["validation"])
+    untrained = {slot: together.evaluate(slot) for slot in (0, 1, 3)}  # B starts at zero: the base's loss
+    losses_together = train(together)
+
+    alone = engine_for(base, slots=1)
+    only = alone.add("subject", SUBJECT, rows["train"], rows["validation"])
+    losses_alone = train(alone)
+
+    assert subject == 2 and only == 0
+    assert len(losses_alone[only]) == SUBJECT.max_steps * SUBJECT.gradient_accumulation_steps
+    assert losses_together[subject] == pytest.approx(losses_alone[only], rel=1e-4)
+    assert together.adapters[subject].step == alone.adapters[only].step == SUBJECT.max_steps
+    assert together.evaluate(subject) == pytest.approx(alone.evaluate(only), rel=1e-4)
+    for name, weights in subject_weights(alone, only).items():
+        assert torch.allclose(subject_weights(together, subject)[name], weights, atol=1e-5), name
+    # The neighbours trained too, each to its own number of steps, and learned.
+    assert [together.adapters[s].step for s in (0, 1, 3)] == [4, 9, 6]
+    assert all(together.evaluate(slot) < untrained[slot] for slot in (0, 1, 3))
+
+
+def test_the_engine_computes_what_peft_and_torch_adamw_compute(base, rows, tmp_path):
+    """The subject without dropout (the engine keys its masks differently from torch's RNG), trained by the engine
+    and by PEFT on the same micro-batches with torch.optim.AdamW, clip_grad_norm_ and transformers' scheduler."""
+    from peft import PeftModel
+    from transformers import get_scheduler
+
+    from trainables.engine import _flat_layout
+    from trainables.slot_optimizer import BETAS, EPS, MAX_GRAD_NORM
+
+    config = TrainingConfig(**{**SUBJECT.__dict__, "lora_dropout": 0.0})
+    engine = engine_for(base, slots=2)
+    engine.add("neighbour", NEIGHBOURS[0], rows["train"], rows["validation"])
+    slot = engine.add("subject", config, rows["train"], rows["validation"])
+    engine.save_adapter(slot, tmp_path / "init")
+    untrained = engine.evaluate(slot)
+    engine_losses = train(engine)[slot]
+
+    model = base_as_the_engine_holds_it(base)
+    peft_model = PeftModel.from_pretrained(model, str(tmp_path / "init"), is_trainable=True)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=BETAS, eps=EPS,
+                                  weight_decay=config.weight_decay)
+    schedule = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                             num_training_steps=config.max_steps)
+    generator, order, reference = torch.Generator().manual_seed(config.seed), [], []
+    for _ in range(config.max_steps):
+        window = []
+        for _ in range(config.gradient_accumulation_steps):
+            batch = []
+            while len(batch) < config.per_device_train_batch_size:
+                if not order:
+                    order = torch.randperm(len(rows["train"]), generator=generator).tolist()
+                batch.append(rows["train"][order.pop(0)])
+            window.append(batch)
+        targets = sum(sum(r["completion_mask"][1:]) for batch in window for r in batch)
+        for batch in window:
+            layout = _flat_layout({0: batch}, "cpu")
+            # use_cache=False as the engine does: with a cache, transformers does not keep packed examples apart.
+            logits = peft_model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits[0]
+            loss = torch.nn.functional.cross_entropy(logits, layout.targets, ignore_index=-100, reduction="sum") / targets
+            loss.backward()
+            reference.append(float(loss.detach()))
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    assert engine_losses == pytest.approx(reference, rel=1e-4)
+    assert engine.evaluate(slot) < untrained
+
+
+def test_a_diverging_neighbour_fails_alone(base, rows):
+    engine = engine_for(base, slots=2)
+    subject = engine.add("subject", SUBJECT, rows["train"], rows["validation"])
+    wild = engine.add("wild", TrainingConfig(**{**NEIGHBOURS[0].__dict__, "learning_rate": 1e30}), rows["train"],
+                      rows["validation"])
+    losses = train(engine)
+    assert engine.adapters[wild].failure and ("nan" in engine.adapters[wild].failure
+                                              or "inf" in engine.adapters[wild].failure), engine.adapters[wild].failure
+    assert not math.isfinite(losses[wild][-1]) and engine.adapters[wild].step < NEIGHBOURS[0].max_steps
+    assert engine.adapters[subject].failure is None and engine.adapters[subject].step == SUBJECT.max_steps
+
+    alone = engine_for(base, slots=1)
+    alone.add("subject", SUBJECT, rows["train"], rows["validation"])
+    assert losses[subject] == pytest.approx(train(alone)[0], rel=1e-4)
+
+
+def test_the_saved_adapter_is_a_peft_adapter_that_scores_as_the_engine_does(base, rows, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from eval.generation import heldout_loss
+
+    engine = engine_for(base, slots=2)
+    engine.add("neighbour", NEIGHBOURS[1], rows["train"], rows["validation"])
+    slot = engine.add("subject", SUBJECT, rows["train"], rows["validation"])
+    train(engine)
+    engine.save_adapter(slot, tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(base.model_dir)
+    base_loss = heldout_loss(base_as_the_engine_holds_it(base).eval(), tokenizer, rows["validation"], 8)
+    model = base_as_the_engine_holds_it(base)
+    adapted = PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
+    adapted_modules = {n.rsplit(".", 2)[-2] for n, _ in adapted.named_modules() if n.endswith(".lora_A")}
+    assert adapted_modules == {"q_proj", "v_proj"}  # the attn_qv preset, nothing else
+    # The evaluation stage's held-out loss of the PEFT adapter is the engine's own evaluation, and it learned.
+    peft_loss = heldout_loss(adapted, tokenizer, rows["validation"], 8)
+    assert engine.evaluate(slot) == pytest.approx(peft_loss, rel=1e-4)
+    assert peft_loss < base_loss
+
+
+def test_a_checkpoint_resumes_the_adapter_exactly(base, rows, tmp_path):
+    straight = engine_for(base, slots=1)
+    straight.add("subject", SUBJECT, rows["train"], rows["validation"])
+    expected = train(straight)[0]
+
+    first = engine_for(base, slots=1)
+    slot = first.add("subject", SUBJECT, rows["train"], rows["validation"])
+    done = []
+    while first.adapters[slot].step < 3:
+        done.append(first.step()[slot])
+    first.save_adapter(slot, tmp_path / "ckpt")
+    first.save_state(slot, tmp_path / "ckpt")
+
+    second = engine_for(base, slots=2)
+    second.add("neighbour", NEIGHBOURS[2], rows["train"], rows["validation"])
+    slot = second.add("subject", SUBJECT, rows["train"], rows["validation"])
+    second.resume(slot, tmp_path / "ckpt")
+    rest = []
+    while second.adapters[slot].step < SUBJECT.max_steps:
+        rest.append(second.step()[slot])
+    assert done + rest == pytest.approx(expected, rel=1e-4)
+
+
+def test_keyed_dropout_drops_the_rate_asked_and_depends_only_on_its_key():
+    rows = torch.ones(64, 32)
+    a = keyed_dropout(rows, 0.25, seed=7, step=3, module_index=5, first_row=0)
+    assert torch.equal(a, keyed_dropout(rows, 0.25, seed=7, step=3, module_index=5, first_row=0))
+    assert abs(float((a == 0).float().mean()) - 0.25) < 0.03 and float(a.max()) == pytest.approx(1 / 0.75)
+    for other in ({"seed": 8}, {"step": 4}, {"module_index": 6}):
+        assert not torch.equal(a, keyed_dropout(rows, 0.25, **{"seed": 7, "step": 3, "module_index": 5, **other},
+                                                first_row=0))
+    # Rows 16.. of a micro-batch get the same mask whether they come first in a chunk or not.
+    assert torch.equal(a[16:], keyed_dropout(rows[16:], 0.25, seed=7, step=3, module_index=5, first_row=16))
+
+
+def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tiny_model_dir, rows):
+    import bitsandbytes as bnb
+
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="4bit", device="cpu")
+    together = LoraEngine(base, slots=3, max_rank=MAX_RANK)
+    assert all(isinstance(m.base, bnb.nn.Linear4bit) for m in together.modules.values())
+    together.add("n1", NEIGHBOURS[0], rows["train"], rows["validation"])
+    subject = together.add("subject", SUBJECT, rows["train"], rows["validation"])
+    together.add("n2", NEIGHBOURS[1], rows["train"], rows["validation"])
+    alone = LoraEngine(base, slots=1, max_rank=MAX_RANK)
+    alone.add("subject", SUBJECT, rows["train"], rows["validation"])
+    assert train(together)[subject] == pytest.approx(train(alone)[0], rel=1e-4)
+    assert together.evaluate(subject) == pytest.approx(alone.evaluate(0), rel=1e-4)

@@ -1,0 +1,326 @@
+"""The shared-base engine: one frozen base per GPU, and the LoRA adapters of every trial placed there trained
+together, one micro-batch of each active adapter per engine step (trainables/multi_lora.py computes them). Each
+adapter trains as if alone: its own data order, loss normalization over its own completion tokens, gradient
+accumulation, clipping, AdamW state and step count, learning-rate schedule, dropout masks and seed
+(trainables/slot_optimizer.py); a NaN or inf fails its own adapter only.
+
+This module is the engine itself, in one process and without Ray: Ray Tune's trials become its clients through
+an actor around it. Checkpoints are PEFT adapters (what the evaluation stage, the merge and the report read),
+plus the adapter's optimizer state and data position."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainables.lora_presets import TARGET_MODULE_PRESETS
+from trainables.multi_lora import kaiming_a, wrap_linear_layers
+from trainables.slot_optimizer import SlotAdamW, lr_multiplier
+from trainables.trial_spec import BaseModelSpec, TrainingConfig
+
+ENGINE_STATE_FILE = "lorasweep_engine_state.pt"
+
+
+class EngineFull(RuntimeError):
+    """Every slot of the engine holds an adapter."""
+
+
+@dataclass
+class Adapter:
+    """One trial's adapter in a slot: its settings, data, position and progress."""
+
+    name: str
+    training: TrainingConfig
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    targets: set[str]  # names of the wrapped modules it adapts
+    generator: torch.Generator  # the adapter's own data order
+    order: list[int] = field(default_factory=list)
+    cursor: int = 0
+    epoch: int = 0
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches done in the current accumulation window
+    window: list[list[dict]] = field(default_factory=list)  # the window's micro-batches not yet run
+    window_targets: int = 0  # completion tokens over the whole window: the loss is divided by this
+    tokens_seen: int = 0
+    loss_sum: float = 0.0  # training loss since the last evaluation, for reporting
+    loss_steps: int = 0
+    failure: str | None = None
+
+
+class LoraEngine:
+    """A frozen base with `slots` adapter slots of rank up to `max_rank`."""
+
+    def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool = False):
+        from trainables.model_loading import load_base_for_training
+
+        self.base_spec = base
+        self.model = load_base_for_training(base, gradient_checkpointing)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.routing, self.modules = wrap_linear_layers(self.model, slots, max_rank)
+        self.max_rank = max_rank
+        self.adapters: dict[int, Adapter] = {}
+        self.free = list(range(slots))
+        params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
+        self.optimizer = SlotAdamW(params, slots)
+
+    # ------------------------------------------------------------------------------------------- slots
+
+    def add(self, name: str, training: TrainingConfig, train_rows: list[dict], eval_rows: list[dict]) -> int:
+        """Put a new adapter in a free slot, initialized from its seed as LoRA initializes it (A random, B zero)."""
+        if not self.free:
+            raise EngineFull(f"all {len(self.adapters)} slots hold adapters")
+        if training.lora_r > self.max_rank:
+            raise ValueError(f"lora_r={training.lora_r} is above the engine's max rank {self.max_rank}")
+        slot = self.free.pop(0)
+        preset = TARGET_MODULE_PRESETS[training.lora_target_modules]
+        targets = {n for n in self.modules if preset == "all-linear" or n.rsplit(".", 1)[-1] in preset}
+        init = torch.Generator().manual_seed(training.seed)
+        for module_name, module in self.modules.items():
+            targeted = module_name in targets
+            module.set_slot(slot, training.lora_r, training.lora_alpha / training.lora_r if targeted else 0.0,
+                            training.lora_dropout,
+                            kaiming_a(init, training.lora_r, module.in_features) if targeted else None)
+        self.optimizer.reset_slot(slot)
+        self.optimizer.zero_grad([slot])
+        self.adapters[slot] = Adapter(name, training, train_rows, eval_rows, targets,
+                                      torch.Generator().manual_seed(training.seed))
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free the slot (a finished, failed or stopped trial); its adapter is gone."""
+        self.adapters.pop(slot)
+        for module in self.modules.values():
+            module.set_slot(slot, 0, 0.0, 0.0, None)
+        self.free.append(slot)
+        self.free.sort()
+
+    def active(self) -> list[int]:
+        """Slots whose adapter still has optimizer steps to go and has not failed."""
+        return [s for s, a in sorted(self.adapters.items()) if a.failure is None and a.step < a.training.max_steps]
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def step(self, slots: list[int] | None = None) -> dict[int, float]:
+        """One micro-batch of each given active slot through one forward and backward; adapters whose
+        accumulation window is complete take their optimizer step. Returns each slot's micro-batch loss (its
+        share of the window's loss, as the Trainer's step loss is), or inf for an adapter that failed now."""
+        slots = [s for s in (self.active() if slots is None else slots) if s in self.active()]
+        if not slots:
+            return {}
+        self.model.train()
+        batches = {s: self._next_micro_batch(self.adapters[s]) for s in slots}
+        losses = self._forward_backward(batches)
+        due = []
+        for slot in slots:
+            adapter = self.adapters[slot]
+            adapter.micro_step += 1
+            if not math.isfinite(losses[slot]):
+                self._fail(slot, f"loss is {losses[slot]} at step {adapter.step + 1}")
+                continue
+            if adapter.micro_step == adapter.training.gradient_accumulation_steps:
+                due.append(slot)
+        lrs = {s: self._learning_rate(self.adapters[s]) for s in due}
+        norms = self.optimizer.step(due, lrs, {s: self.adapters[s].training.weight_decay for s in due})
+        for slot in due:
+            adapter = self.adapters[slot]
+            adapter.micro_step = 0
+            if not math.isfinite(norms[slot]):
+                self._fail(slot, f"gradient norm is {norms[slot]} at step {adapter.step + 1}")
+                losses[slot] = math.inf
+                continue
+            adapter.step += 1
+        return losses
+
+    def _learning_rate(self, adapter: Adapter) -> float:
+        t = adapter.training
+        return t.learning_rate * lr_multiplier(t.lr_scheduler_type, adapter.step, t.max_steps, t.warmup_steps)
+
+    def _fail(self, slot: int, reason: str) -> None:
+        self.adapters[slot].failure = reason
+        self.optimizer.zero_grad([slot])
+
+    def _next_micro_batch(self, adapter: Adapter) -> list[dict]:
+        """The next micro-batch; at a window's start, draw the whole window to know its completion tokens."""
+        if not adapter.window:
+            t = adapter.training
+            adapter.window = [self._draw_rows(adapter, t.per_device_train_batch_size)
+                              for _ in range(t.gradient_accumulation_steps)]
+            adapter.window_targets = sum(_target_count(row) for batch in adapter.window for row in batch)
+        return adapter.window.pop(0)
+
+    def _draw_rows(self, adapter: Adapter, count: int) -> list[dict]:
+        """Rows in the adapter's own shuffled order, a new permutation each epoch (as a sampler would)."""
+        rows = []
+        while len(rows) < count:
+            if adapter.cursor >= len(adapter.order):
+                adapter.order = torch.randperm(len(adapter.train_rows), generator=adapter.generator).tolist()
+                adapter.cursor = 0
+                adapter.epoch += 1
+            rows.append(adapter.train_rows[adapter.order[adapter.cursor]])
+            adapter.cursor += 1
+        return rows
+
+    def _forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
+        layout = _flat_layout(batches, self.model.device)
+        self.routing.segments = layout.segments
+        self.routing.segment_offsets = [0] * len(layout.segments)
+        self.routing.dropout_keys = {s: (self.adapters[s].training.seed, self._micro_index(s)) for s in batches}
+        try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
+            return self._losses_and_backward(layout)
+        finally:
+            self.routing.segments = []
+
+    def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
+        token_losses = self._token_losses(layout)
+        total, losses = None, {}
+        for slot, start, end in layout.segments:
+            if slot < 0:
+                continue
+            adapter = self.adapters[slot]
+            loss = token_losses[start:end].sum() / max(1, adapter.window_targets)
+            losses[slot] = float(loss.detach())
+            adapter.tokens_seen += end - start
+            if math.isfinite(losses[slot]):
+                adapter.loss_sum += losses[slot]
+                adapter.loss_steps += 1
+                total = loss if total is None else total + loss
+        if total is not None:
+            total.backward()
+        return losses
+
+    def _micro_index(self, slot: int) -> int:
+        adapter = self.adapters[slot]
+        return adapter.step * adapter.training.gradient_accumulation_steps + adapter.micro_step
+
+    def _token_losses(self, layout: "_Layout") -> torch.Tensor:
+        """Cross-entropy of every flattened position against its target (0 where it has none)."""
+        # No cache: with one, transformers skips finding the packed examples in position_ids, and they would attend
+        # to each other.
+        logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), layout.targets, ignore_index=-100,
+                                                 reduction="none")
+
+    # -------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, slot: int) -> float:
+        """Mean loss per completion token over the adapter's evaluation rows (no dropout)."""
+        adapter = self.adapters[slot]
+        self.model.eval()
+        nll, count = 0.0, 0
+        size = adapter.training.per_device_eval_batch_size
+        for start in range(0, len(adapter.eval_rows), size):
+            layout = _flat_layout({slot: adapter.eval_rows[start:start + size]}, self.model.device)
+            self.routing.segments = layout.segments
+            self.routing.segment_offsets = [0] * len(layout.segments)
+            try:
+                nll += float(self._token_losses(layout).sum())
+            finally:
+                self.routing.segments = []
+            count += int((layout.targets != -100).sum())
+        return nll / count if count else math.nan
+
+    def take_train_loss(self, slot: int) -> float:
+        """The mean training loss since the last call (what the Trainer logs per logging window)."""
+        adapter = self.adapters[slot]
+        # A micro-batch's loss is its share of its window's loss: a step's loss is the sum over its window.
+        mean = (adapter.loss_sum * adapter.training.gradient_accumulation_steps / adapter.loss_steps
+                if adapter.loss_steps else math.nan)
+        adapter.loss_sum, adapter.loss_steps = 0.0, 0
+        return mean
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def save_adapter(self, slot: int, directory: Path) -> None:
+        """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), loadable with
+        PeftModel.from_pretrained on the same base."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        adapter = self.adapters[slot]
+        t = adapter.training
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        preset = TARGET_MODULE_PRESETS[t.lora_target_modules]
+        LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                   target_modules=preset if isinstance(preset, str) else list(preset), task_type="CAUSAL_LM",
+                   base_model_name_or_path=self.base_spec.model_dir).save_pretrained(str(directory))
+        weights = {}
+        for name in sorted(adapter.targets):
+            module = self.modules[name]
+            weights[f"base_model.model.{name}.lora_A.weight"] = module.lora_A[slot, :t.lora_r].detach().cpu().contiguous()
+            weights[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[slot, :, :t.lora_r].detach().cpu().contiguous()
+        save_file(weights, str(directory / "adapter_model.safetensors"))
+
+    def save_state(self, slot: int, directory: Path) -> None:
+        """What resuming the adapter needs beside its PEFT files: optimizer state, step and data position."""
+        adapter = self.adapters[slot]
+        if adapter.micro_step:
+            raise RuntimeError("a checkpoint is taken between optimizer steps, not inside an accumulation window")
+        torch.save({"optimizer": self.optimizer.slot_state(slot), "step": adapter.step, "order": adapter.order,
+                    "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
+                    "generator": adapter.generator.get_state()}, Path(directory) / ENGINE_STATE_FILE)
+
+    def resume(self, slot: int, directory: Path) -> None:
+        """Load an adapter saved by save_adapter + save_state into the slot `add` gave it."""
+        from safetensors.torch import load_file
+
+        adapter = self.adapters[slot]
+        weights = load_file(str(Path(directory) / "adapter_model.safetensors"))
+        rank = adapter.training.lora_r
+        with torch.no_grad():
+            for name in adapter.targets:
+                self.modules[name].lora_A[slot, :rank].copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+                self.modules[name].lora_B[slot, :, :rank].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+        state = torch.load(Path(directory) / ENGINE_STATE_FILE, weights_only=False)
+        self.optimizer.load_slot_state(slot, state["optimizer"])
+        adapter.step, adapter.order, adapter.cursor = state["step"], state["order"], state["cursor"]
+        adapter.epoch, adapter.tokens_seen = state["epoch"], state["tokens_seen"]
+        adapter.generator.set_state(state["generator"])
+
+
+def _target_count(row: dict) -> int:
+    """Positions whose next token is a completion token: what the completion-only loss averages over."""
+    return sum(row["completion_mask"][1:])
+
+
+@dataclass
+class _Layout:
+    input_ids: torch.Tensor  # [slots, L]
+    position_ids: torch.Tensor  # [slots, L], restarting at 0 for every example: examples do not attend to each other
+    targets: torch.Tensor  # [slots * L], the next token where it is a completion token, else -100
+    segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
+
+
+def _flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0) -> _Layout:
+    """One row per slot, its examples packed without padding between them (as TRL's padding_free packs them), the
+    rows padded at the end to the longest with one dummy sequence (its own positions, no targets). A row per
+    slot rather than one flat sequence for all: attention computes masked-out scores as 0 times the values, and a
+    diverging adapter's inf or NaN values would reach its neighbours through those zeros (0 * NaN = NaN)."""
+    rows = {}
+    for slot, examples in batches.items():
+        ids, positions, targets = [], [], []
+        for example in examples:
+            tokens, mask = example["input_ids"], example["completion_mask"]
+            ids += tokens
+            positions += range(len(tokens))
+            targets += [t if m else -100 for t, m in zip(tokens[1:], mask[1:])] + [-100]
+        rows[slot] = (ids, positions, targets)
+    width = max(len(ids) for ids, _, _ in rows.values())
+    all_ids, all_positions, all_targets, segments = [], [], [], []
+    for slot, (ids, positions, targets) in rows.items():
+        start, pad = len(all_targets), width - len(ids)
+        all_ids.append(ids + [pad_token_id] * pad)
+        all_positions.append(positions + list(range(pad)))
+        all_targets += targets + [-100] * pad
+        segments.append((slot, start, start + len(ids)))
+        if pad:
+            segments.append((-1, start + len(ids), start + width))
+    return _Layout(torch.tensor(all_ids, device=device), torch.tensor(all_positions, device=device),
+                   torch.tensor(all_targets, device=device), segments)
+

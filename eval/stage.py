@@ -14,7 +14,7 @@ from eval.eval_config import EvalConfig
 from eval.exact_match import exact_match_flags
 from eval.generation import generate_greedy, heldout_loss
 from eval.outcomes import BASE_ROW_ID, choose_winner
-from trainables.trial_spec import BaseModelSpec
+from trainables.trial_spec import RESUME_FILES, BaseModelSpec
 
 
 def evaluate_candidates(base: BaseModelSpec, candidates: list[dict], test_rows: list[dict], options: EvalConfig,
@@ -96,7 +96,6 @@ def merge_and_check(base: BaseModelSpec, adapter_dir: str, experiment_dir: Path,
 
     from eval.merge import merge_adapter, write_adapter_card
     from trainables.model_loading import load_base_model, load_tokenizer
-    from trainables.qlora_trial import RESUME_FILES
 
     best_adapter = experiment_dir / "best_adapter"
     with directory_written_atomically(best_adapter) as partial:

@@ -108,6 +108,12 @@ class ResourcesConfig:
     eval_cpus: float = 2.0
     # How often a trial is retried from its last checkpoint after its node or worker process is lost.
     max_failures: int = 2
+    # How trials run: "per_process", each trial a TRL SFTTrainer in its own Ray worker with its own copy of the
+    # base (the reference path); or "shared", one engine per GPU holding the base once and training the adapters
+    # of all its trials together (trainables/engine.py), the trials being thin clients of it.
+    engine: Literal["per_process", "shared"] = "per_process"
+    # With engine=shared: the adapters one engine trains at once (0: max_concurrent_trials spread over the GPUs).
+    engine_slots: int = 0
 
 
 @dataclass
@@ -237,6 +243,8 @@ def _check_values(config: LorasweepConfig) -> None:
     for key in ("validation_fraction", "test_fraction"):
         if not 0 < getattr(config.data, key) < 0.5:
             raise ConfigError(f"data.{key}: must be between 0 and 0.5, got {getattr(config.data, key)!r}")
+    if r.engine_slots < 0:
+        raise ConfigError(f"resources.engine_slots: must be 0 (auto) or positive, got {r.engine_slots!r}")
     if r.gpus_per_trial != -1 and r.gpus_per_trial < 0:
         raise ConfigError(f"resources.gpus_per_trial: must be -1 (auto), 0 or positive, got {r.gpus_per_trial!r}")
     if s.method != "grid" and e.top_k > s.run_cap:

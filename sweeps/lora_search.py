@@ -147,13 +147,20 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
     from trainables.trial_spec import BaseModelSpec
 
     model, training = config.model, config.training
-    # The GPU share is sized for the path the trials take on a GPU.
-    gpu_precision, _ = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=True)
-    gpus, why = choose_gpus_per_trial(config.resources, lambda: largest_trial_memory(
-        plan, training, model_dir, gpu_precision, longest_row_tokens(splits), model.trust_remote_code))
-    precision, path_line = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=gpus > 0)
-    print(f"[lorasweep] trials: {path_line}; GPU share per trial {gpus:g} ({why})", flush=True)
-    base = BaseModelSpec(model_dir=model_dir, precision=precision, device="cuda" if gpus > 0 else "cpu",
+    shared = config.resources.engine == "shared"
+    if shared:
+        gpus = 0.0  # the engines hold the GPUs; the trials are their clients
+        cuda = ray.cluster_resources().get("GPU", 0) >= 1
+        precision, path_line = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=cuda)
+    else:
+        # The GPU share is sized for the path the trials take on a GPU.
+        gpu_precision, _ = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=True)
+        gpus, why = choose_gpus_per_trial(config.resources, lambda: largest_trial_memory(
+            plan, training, model_dir, gpu_precision, longest_row_tokens(splits), model.trust_remote_code))
+        cuda = gpus > 0
+        precision, path_line = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=cuda)
+        print(f"[lorasweep] trials: {path_line}; GPU share per trial {gpus:g} ({why})", flush=True)
+    base = BaseModelSpec(model_dir=model_dir, precision=precision, device="cuda" if cuda else "cpu",
                          bnb_4bit_quant_type=model.bnb_4bit_quant_type,
                          bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
                          trust_remote_code=model.trust_remote_code)
@@ -162,11 +169,23 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
     save_config(config, experiment_dir / "config.yaml")
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     # What the report needs of the plan, saved once: eval/ reads it instead of rebuilding it from config.yaml.
-    write_json_atomically(experiment_dir / PLAN_FILE, {**plan.to_json(), "gpus_per_trial": gpus, "precision": precision})
-    trainable = build_trainable(training, base, config.data.max_length, splits, config.resources.cpus_per_trial, gpus)
+    engines = []
+    if shared:
+        engines, trainable, callbacks, engine_gpus = start_shared_engines(config, plan, base, splits, path_line)
+    else:
+        trainable = build_trainable(training, base, config.data.max_length, splits, config.resources.cpus_per_trial,
+                                    gpus)
+        callbacks, engine_gpus = [], 0.0
+    write_json_atomically(experiment_dir / PLAN_FILE, {**plan.to_json(), "gpus_per_trial": gpus, "precision": precision,
+                                                       "engine": config.resources.engine, "engines": len(engines),
+                                                       "gpus_per_engine": engine_gpus})
     sweep_started = time.time()
-    result_grid = run_sweep(plan, trainable, experiment_dir, config.output.name, config.tracking,
-                            config.resources.reuse_actors, config.resources.max_failures)
+    try:
+        result_grid = run_sweep(plan, trainable, experiment_dir, config.output.name, config.tracking,
+                                config.resources.reuse_actors, config.resources.max_failures, callbacks)
+    finally:
+        for engine in engines:  # their GPU memory goes back before the evaluation stage starts
+            ray.kill(engine)
     # This run's time in Tune (a resumed sweep counts only the part after the resume).
     timings = {"sweep_seconds": round(time.time() - sweep_started, 2)}
     ended = result_grid.num_terminated + result_grid.num_errors
@@ -187,7 +206,7 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
 
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
-    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if gpus else 0)
+    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cuda else 0)
     outcome = ray.get(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"]}
                                           for c in candidates],
                                    splits["test"], config.eval, str(experiment_dir),
@@ -203,6 +222,36 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
                                  outcome["results"], outcome["generations"])
     print_summary(rows, paths, outcome, experiment_dir)
     return 1 if outcome["merge_error"] or (outcome["merge_check"] and not outcome["merge_check"]["passed"]) else 0
+
+
+def start_shared_engines(config, plan, base, splits: dict, path_line: str):
+    """One engine per GPU (one on a cluster without GPUs), each with enough slots for its share of the concurrent
+    trials; returns (engine handles, the trial function, the Tune callbacks, GPUs per engine)."""
+    import math
+
+    import ray
+    from ray import tune
+
+    from sweeps.tuner import ReleaseEngineSlots
+    from trainables.engine_actor import ENGINE_NAME, start_engines, train_engine_trial
+
+    resources = config.resources
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = max(1, cluster_gpus)
+    slots = resources.engine_slots or math.ceil(plan.max_concurrent_trials / count)
+    max_rank = max(plan.values("lora_r", config.training.lora_r))
+    gpus_each = 1.0 if cluster_gpus else 0.0
+    print(f"[lorasweep] trials: {path_line}; shared-base engine: {count} engine(s) x {slots} adapter slots "
+          f"(rank up to {max_rank}), {gpus_each:g} GPU each; the trials are their clients", flush=True)
+    engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
+                            config.training.gradient_checkpointing, splits["train"], splits["validation"])
+    names = [ENGINE_NAME.format(index=i) for i in range(count)]
+    trainable = tune.with_resources(
+        tune.with_parameters(train_engine_trial, training=config.training, base=base,
+                             max_length=config.data.max_length, engine_names=names),
+        # A client only waits on its engine: a small CPU share, so that the trials never wait for CPUs.
+        {"cpu": 0.1, "gpu": 0})
+    return engines, trainable, [ReleaseEngineSlots(names)], gpus_each
 
 
 def check_output_dir(output_dir: str, experiment_dir: Path) -> None:

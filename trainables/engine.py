@@ -19,9 +19,8 @@ import torch
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, wrap_linear_layers
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
-from trainables.trial_spec import BaseModelSpec, TrainingConfig
+from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
-ENGINE_STATE_FILE = "lorasweep_engine_state.pt"
 
 
 class EngineFull(RuntimeError):

@@ -17,9 +17,8 @@ from pathlib import Path  # noqa: E402
 
 from trainables.lora_presets import target_modules_for  # noqa: E402
 from trainables.step_timer import StepTimer  # noqa: E402
-from trainables.trial_spec import BaseModelSpec, TrainingConfig, TrialSpec  # noqa: E402
+from trainables.trial_spec import TRIAL_STATE_FILE, BaseModelSpec, TrainingConfig, TrialSpec  # noqa: E402
 
-TRIAL_STATE_FILE = "lorasweep_trial_state.json"
 _trials_in_process = 0  # trials this process has started: more than one on a reused Ray actor
 TOKEN_COLUMNS = ("input_ids", "completion_mask")
 
@@ -223,11 +222,6 @@ class _ReportToTune(StepTimer):
                                   report)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         return control
-
-
-# What a Tune checkpoint holds besides the PEFT adapter: enough for transformers' Trainer to resume
-# (trainer state, optimizer, scheduler). The evaluation stage copies only the adapter and tokenizer.
-RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def save_trial_checkpoint(directory: Path, model, tokenizer, state, optimizer, lr_scheduler, report: dict) -> None:

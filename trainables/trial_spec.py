@@ -9,6 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
+# A trial's Tune checkpoint: the PEFT adapter and tokenizer, our metrics (TRIAL_STATE_FILE), and what resuming it
+# needs: transformers' Trainer state on the per-process path, the engine's state on the shared-base path. The
+# evaluation stage copies the adapter without the RESUME_FILES.
+TRIAL_STATE_FILE = "lorasweep_trial_state.json"
+ENGINE_STATE_FILE = "lorasweep_engine_state.pt"
+RESUME_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", ENGINE_STATE_FILE)
+
+
 class TrialSpecError(ValueError):
     """Tune handed a trial a value that is not a training setting."""
 

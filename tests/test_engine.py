@@ -10,7 +10,7 @@ import torch
 
 from test_trial_training import tokenized_rows
 from trainables.engine import LoraEngine
-from trainables.multi_lora import keyed_dropout
+from trainables.multi_lora import keyed_keep_mask
 from trainables.trial_spec import BaseModelSpec, TrainingConfig
 
 MAX_RANK = 16
@@ -205,15 +205,14 @@ def test_a_checkpoint_resumes_the_adapter_exactly(base, rows, tmp_path):
 
 
 def test_keyed_dropout_drops_the_rate_asked_and_depends_only_on_its_key():
-    rows = torch.ones(64, 32)
-    a = keyed_dropout(rows, 0.25, seed=7, step=3, module_index=5, first_row=0)
-    assert torch.equal(a, keyed_dropout(rows, 0.25, seed=7, step=3, module_index=5, first_row=0))
-    assert abs(float((a == 0).float().mean()) - 0.25) < 0.03 and float(a.max()) == pytest.approx(1 / 0.75)
+    key = {"seed": 7, "step": 3, "module_index": 5}
+    mask = keyed_keep_mask((64, 32), 0.25, **key, device="cpu")
+    assert mask.shape == (1, 64, 32) and torch.equal(mask, keyed_keep_mask((64, 32), 0.25, **key, device="cpu"))
+    assert abs(float((~mask).float().mean()) - 0.25) < 0.03
     for other in ({"seed": 8}, {"step": 4}, {"module_index": 6}):
-        assert not torch.equal(a, keyed_dropout(rows, 0.25, **{"seed": 7, "step": 3, "module_index": 5, **other},
-                                                first_row=0))
-    # Rows 16.. of a micro-batch get the same mask whether they come first in a chunk or not.
-    assert torch.equal(a[16:], keyed_dropout(rows[16:], 0.25, seed=7, step=3, module_index=5, first_row=16))
+        assert not torch.equal(mask, keyed_keep_mask((64, 32), 0.25, **{**key, **other}, device="cpu"))
+    # A longer micro-batch keeps the same mask for its first tokens: the mask depends on positions, not shapes.
+    assert torch.equal(keyed_keep_mask((80, 32), 0.25, **key, device="cpu")[:, :64], mask)
 
 
 def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tiny_model_dir, rows):

@@ -166,13 +166,12 @@ class LoraEngine:
 
     def _forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
         layout = _flat_layout(batches, self.model.device)
-        self.routing.segments = layout.segments
-        self.routing.segment_offsets = [0] * len(layout.segments)
-        self.routing.dropout_keys = {s: (self.adapters[s].training.seed, self._micro_index(s)) for s in batches}
+        self.routing.set(list(batches), [(self.adapters[s].training.seed, self._micro_index(s)) for s in batches],
+                         self.model.device)
         try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
             return self._losses_and_backward(layout)
         finally:
-            self.routing.segments = []
+            self.routing.clear()
 
     def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
         token_losses = self._token_losses(layout)
@@ -215,12 +214,11 @@ class LoraEngine:
         size = adapter.training.per_device_eval_batch_size
         for start in range(0, len(adapter.eval_rows), size):
             layout = _flat_layout({slot: adapter.eval_rows[start:start + size]}, self.model.device)
-            self.routing.segments = layout.segments
-            self.routing.segment_offsets = [0] * len(layout.segments)
+            self.routing.set([slot], None, self.model.device)
             try:
                 nll += float(self._token_losses(layout).sum())
             finally:
-                self.routing.segments = []
+                self.routing.clear()
             count += int((layout.targets != -100).sum())
         return nll / count if count else math.nan
 

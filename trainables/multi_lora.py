@@ -25,19 +25,27 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class Routing:
-    """The current step's layout, shared by every MultiLoraLinear of a model: which contiguous token ranges of the
-    flattened batch belong to which slot, and each slot's dropout key (seed and its own step)."""
+    """The current step's layout, shared by every MultiLoraLinear of a model: the batch has one row per slot (its
+    micro-batch packed into that row), `slots[i]` is row i's slot, and `dropout_keys` each row's dropout key (the
+    adapter's seed and its own micro-step); no key: no dropout (evaluation)."""
 
-    # (slot, start, end) over the flattened tokens, covering them in order; slot -1: padding, no adapter
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-    dropout_keys: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (seed, step); absent: no dropout
-    # Per segment, the position of its first token within the slot's own micro-batch (its rows may be split
-    # across segments when the batch is chunked); dropout masks are keyed by that position.
-    segment_offsets: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    dropout_keys: list[tuple[int, int]] | None = None
+    _index: torch.Tensor | None = None
+
+    def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device) -> None:
+        self.slots, self.dropout_keys = slots, dropout_keys
+        self._index = torch.tensor(slots, device=device)
+
+    def clear(self) -> None:
+        self.slots, self.dropout_keys, self._index = [], None, None
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus S LoRA slots of rank up to R."""
+    """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus S LoRA slots of rank up to R. Every row's
+    LoRA term is computed by two batched matmuls over the gathered slots, whatever the number of slots: a fixed
+    number of kernels per layer (a loop over adapters would launch kernels per adapter, which is what keeps small
+    models' steps launch-bound)."""
 
     def __init__(self, base: nn.Module, module_index: int, slots: int, max_rank: int, routing: Routing):
         super().__init__()
@@ -49,8 +57,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, max_rank, device=device))
         self.register_buffer("scale", torch.zeros(slots, device=device), persistent=False)
-        self.ranks = [0] * slots
-        self.dropout = [0.0] * slots
+        self.register_buffer("dropout", torch.zeros(slots, device=device), persistent=False)
         self.routing = routing
 
     def set_slot(self, slot: int, rank: int, scale: float, dropout: float, lora_a: torch.Tensor | None) -> None:
@@ -62,39 +69,43 @@ class MultiLoraLinear(nn.Module):
             if lora_a is not None:
                 self.lora_A[slot, :rank].copy_(lora_a)
             self.scale[slot] = scale
-        self.ranks[slot] = rank if scale else 0
-        self.dropout[slot] = dropout
+            self.dropout[slot] = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        segments = self.routing.segments
-        if not segments:
+        index = self.routing._index
+        if index is None:
             return result
-        flat = x.reshape(-1, self.in_features)
-        pieces = []
-        for (slot, start, end), offset in zip(segments, self.routing.segment_offsets):
-            rank = self.ranks[slot] if slot >= 0 else 0
-            if rank == 0:
-                pieces.append(flat.new_zeros(end - start, self.out_features, dtype=torch.float32))
-                continue
-            rows = flat[start:end].to(torch.float32)
-            if self.training and self.dropout[slot] and slot in self.routing.dropout_keys:
-                rows = keyed_dropout(rows, self.dropout[slot], *self.routing.dropout_keys[slot], self.module_index,
-                                     offset)
-            hidden = rows @ self.lora_A[slot, :rank].T
-            pieces.append((hidden @ self.lora_B[slot, :, :rank].T) * self.scale[slot])
-        delta = torch.cat(pieces).reshape(*result.shape[:-1], self.out_features)
+        rows = x.to(torch.float32)  # [slots in this step, L, d_in]
+        if self.training and self.routing.dropout_keys is not None:
+            rows = self._dropout(rows, index)
+        hidden = torch.bmm(rows, self.lora_A.index_select(0, index).transpose(1, 2))
+        delta = torch.bmm(hidden, self.lora_B.index_select(0, index).transpose(1, 2))
+        delta = delta * self.scale.index_select(0, index).view(-1, 1, 1)
         return (result + delta).to(result.dtype)
 
+    def _dropout(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        p = self.dropout.index_select(0, index).view(-1, 1, 1)
+        if rows.is_cuda:
+            # The CUDA generator, in one kernel for all rows: the masks have the distribution of each adapter's
+            # own, but depend on the step's neighbours. The keyed masks below are exact, and what the CPU tests
+            # check, but cost a dozen passes over the activations without a fused kernel.
+            keep = torch.rand_like(rows) >= p
+        else:
+            keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
+                              for p_i, (seed, step) in zip(p.flatten().tolist(), self.routing.dropout_keys)])
+        return rows * keep / (1.0 - p)
 
-def keyed_dropout(rows: torch.Tensor, p: float, seed: int, step: int, module_index: int, first_row: int) -> torch.Tensor:
-    """Inverted dropout whose mask depends only on the key and each element's position (row within the slot's
-    micro-batch, feature): the same on any device and beside any neighbours."""
-    n, d = rows.shape
-    positions = (torch.arange(n, device=rows.device, dtype=torch.int64)[:, None] + first_row) * d \
-        + torch.arange(d, device=rows.device, dtype=torch.int64)[None, :]
-    keep = _uniform(positions, _salt(seed, step, module_index)) >= p
-    return rows * keep / (1.0 - p)
+
+def keyed_keep_mask(shape: tuple[int, int], p: float, seed: int, step: int, module_index: int, device) -> torch.Tensor:
+    """[1, L, d] booleans, True with probability 1 - p, depending only on the key and each element's position
+    (token within the adapter's micro-batch, feature): the same beside any neighbours."""
+    n, d = shape
+    if p == 0:
+        return torch.ones(1, n, d, dtype=torch.bool, device=device)
+    positions = torch.arange(n, device=device, dtype=torch.int64)[:, None] * d \
+        + torch.arange(d, device=device, dtype=torch.int64)[None, :]
+    return (_uniform(positions, _salt(seed, step, module_index)) >= p)[None]
 
 
 def _salt(*values: int) -> int:

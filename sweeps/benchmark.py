@@ -1,9 +1,11 @@
-"""Run one study two ways on the same GPU and compare them: `baseline` (the plain Ray Tune + TRL sweep of
-sweeps/baseline_sweep.py) and `lorasweep` (sweeps/lora_search.py with its optimizations). BENCHMARKS.md keeps
-the tables.
+"""Run one study several ways on the same GPU and compare them: `baseline` (the plain Ray Tune + TRL sweep of
+sweeps/baseline_sweep.py), `lorasweep` (sweeps/lora_search.py with its per-process trials) and `engine`
+(sweeps/lora_search.py with resources.engine=shared: one base per GPU, the adapters trained together).
+BENCHMARKS.md keeps the tables.
 
     python sweeps/benchmark.py baseline  --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
     python sweeps/benchmark.py lorasweep --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
+    python sweeps/benchmark.py engine    --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
     python sweeps/benchmark.py table /tmp/bench
     python sweeps/benchmark.py make-model --like-tinyllama-1.1b --tokenizer-from DIR --out DIR
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.outcomes import BASE_ROW_ID, rank_by_eval_loss  # noqa: E402
 from sweeps.config import PROJECT_ROOT, load_config  # noqa: E402
 
-WAYS = ("baseline", "lorasweep")
+WAYS = ("baseline", "lorasweep", "engine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +74,10 @@ def run_way(way: str, config_path: str | None, overrides: list[str], config) -> 
     script = "baseline_sweep.py" if way == "baseline" else "lora_search.py"
     command = [sys.executable, str(PROJECT_ROOT / "sweeps" / script), *(["--config", config_path] if config_path else []),
                *overrides, f"output.name={name}"]
-    if way == "lorasweep":
+    if way != "baseline":
         command.append("eval.merge=false")  # the merge is not part of the comparison
+    command.append(f"resources.engine={'shared' if way == 'engine' else 'per_process'}" if way != "baseline" else "")
+    command = [part for part in command if part]
     print(f"[benchmark] {way}: {' '.join(command)}", flush=True)
     sampler = GpuSampler()
     sampler.start()
@@ -170,7 +174,9 @@ def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds:
     # Non-pad tokens per optimizer step: the same rows per step both ways, whatever the padding.
     row_tokens = statistics.fmean(len(r["input_ids"]) for r in splits["train"])
     tokens_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * row_tokens
-    per_trial_rate = [r["step"] * tokens_per_step / r["train_seconds"] for r in trials if r.get("train_seconds")]
+    # A per-process trial times its own steps; an engine's trials share steps, so only the aggregate rate counts.
+    per_trial_rate = [r["step"] * tokens_per_step / r["train_seconds"] for r in trials
+                      if r.get("train_seconds") and way != "engine"]
     first = [r["startup_s"] for r in trials if r.get("trial_in_process") == 1 and r.get("startup_s") is not None]
     later = [r["startup_s"] for r in trials if (r.get("trial_in_process") or 1) > 1 and r.get("startup_s") is not None]
     gpus = max(torch.cuda.device_count(), 1)
@@ -306,8 +312,13 @@ def render_table(figures: list[dict]) -> str:
              "| | " + " | ".join(f["way"] for f in figures) + " |", "| --- |" + " --- |" * len(figures)]
     for label, cell in ROWS:
         lines.append(f"| {label} | " + " | ".join(str(cell(f)) for f in figures) + " |")
-    if len(figures) == 2:
-        lines.append("\n" + speed_line(figures[0], figures[1]))
+    ways = {f["way"]: f for f in figures}
+    for reference, other in (("baseline", "lorasweep"), ("lorasweep", "engine")):
+        if reference in ways and other in ways:
+            lines.append("\n" + speed_line(ways[reference], ways[other]))
+    if "lorasweep" in ways and "engine" in ways:
+        ratio = ways["engine"]["train_tokens_per_s_per_gpu"] / ways["lorasweep"]["train_tokens_per_s_per_gpu"]
+        lines.append(f"engine aggregate training tokens/s per GPU: {ratio:.2f}x the per-process trials'")
     return "\n".join(lines)
 
 

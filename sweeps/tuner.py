@@ -66,8 +66,7 @@ def build_search_alg(plan: SweepPlan, name: str, storage_url: str = ""):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.method == "bayes"
-               else optuna.samplers.RandomSampler(seed=plan.seed))
+    sampler = tpe_sampler(plan) if plan.method == "bayes" else optuna.samplers.RandomSampler(seed=plan.seed)
     # metric and mode go in TuneConfig only: Tune refuses them set twice.
     if storage_url:
         searcher = StoredStudyOptunaSearch(sampler=sampler, study_name=name,
@@ -75,6 +74,22 @@ def build_search_alg(plan: SweepPlan, name: str, storage_url: str = ""):
     else:
         searcher = OptunaSearch(sampler=sampler)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent_trials)
+
+
+def tpe_sampler(plan: SweepPlan):
+    """TPE set for many trials in flight, explicitly (Optuna's defaults moved between 4.x and 5.0): the constant
+    liar counts running trials as bad, so proposals made before their results spread out instead of piling up;
+    multivariate TPE models the parameters together (rank and alpha interact); and only a quarter of the budget
+    (2 to 10 trials) is drawn at random before TPE takes over, not a fixed 10 that a 16-trial study would spend
+    almost whole on random draws."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=plan.seed, constant_liar=True, multivariate=True,
+                                      n_startup_trials=startup_trials(plan))
+
+
+def startup_trials(plan: SweepPlan) -> int:
+    return max(2, min(10, plan.expected_trials // 4))
 
 
 def tune_dir(experiment_dir: Path) -> Path:

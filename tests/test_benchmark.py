@@ -28,16 +28,19 @@ def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir
         "data.max_validation_rows=16", "data.max_test_rows=16", "eval.top_k=1", "eval.batch_size=16",
         "eval.max_new_tokens=6", "resources.eval_cpus=1",
     ]
-    for way in ("baseline", "lorasweep"):
+    for way in ("baseline", "lorasweep", "engine"):
         proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), way, "--config",
                                str(PROJECT_ROOT / "sweeps" / "configs" / "benchmark.yaml"), *overrides],
                               env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    figures = {way: json.loads((tmp_path / f"benchmark_{way}.json").read_text()) for way in ("baseline", "lorasweep")}
+    figures = {way: json.loads((tmp_path / f"benchmark_{way}.json").read_text())
+               for way in ("baseline", "lorasweep", "engine")}
     for way, f in figures.items():
         assert f["trials"] == 2 and f["total_steps"] > 0, way
-        assert f["sweep_seconds"] > 0 and f["train_tokens_per_s_per_trial"] > 0 and f["train_tokens_per_s_per_gpu"] > 0
+        assert f["sweep_seconds"] > 0 and f["train_tokens_per_s_per_gpu"] > 0
+        # The engine's trials share its steps: no rate of their own.
+        assert (f["train_tokens_per_s_per_trial"] is None) == (way == "engine"), way
         assert f["startup_first_in_process_s"] > 0
         assert math.isfinite(f["best_eval_loss"]) and 0.0 <= f["exact_match_of_best"] <= 1.0
         assert f["test_prompts"] == 16 and f["eval_seconds_per_adapter"] > 0
@@ -48,6 +51,8 @@ def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir
 
     table = subprocess.run([sys.executable, str(PROJECT_ROOT / "sweeps" / "benchmark.py"), "table", str(tmp_path)],
                            capture_output=True, text=True, check=True).stdout
-    assert "| | baseline | lorasweep |" in table and "sweep wall time" in table
+    assert "| | baseline | lorasweep | engine |" in table and "sweep wall time" in table
+    assert "engine aggregate training tokens/s per GPU" in table
     # The comparison line follows the measured times, whichever way they went.
     assert speed_line(figures["baseline"], figures["lorasweep"]) in table
+    assert speed_line(figures["lorasweep"], figures["engine"]) in table

@@ -68,3 +68,14 @@ def test_asha_rungs_follow_min_iter_and_eta():
     with pytest.raises(ConfigError, match=r"min_iter: must be an integer in \[1, 8\]"):
         bad = load_config(None, ["training.max_steps=80", "training.eval_steps=10", "sweep.early_terminate={min_iter: 9}"])
         plan_sweep(bad.sweep, bad.training)
+
+
+def test_tpe_is_set_for_many_trials_in_flight():
+    from sweeps.tuner import tpe_sampler
+
+    config = load_config(None, ["sweep.run_cap=16", "sweep.max_concurrent_trials=16"])
+    sampler = tpe_sampler(plan_sweep(config.sweep, config.training))
+    # Running trials count as bad for later proposals; parameters modelled together; 4 random trials, not 10.
+    assert sampler._constant_liar and sampler._multivariate and sampler._n_startup_trials == 4
+    small = load_config(None, [])
+    assert tpe_sampler(plan_sweep(small.sweep, small.training))._n_startup_trials == 2

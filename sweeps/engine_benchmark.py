@@ -1,0 +1,209 @@
+"""Measure the shared-base engine itself on this machine: aggregate training tokens/s for K adapters of the study's
+search space trained together, model FLOPs utilization against a bf16 matmul rate measured in the same run, GPU
+memory, and a breakdown of one engine step (base matmuls, LoRA, optimizer, the rest, and the time no kernel ran).
+
+    python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20
+
+Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.config import load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="engine_benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="the study (its data and search space): a lora_search.py config")
+    parser.add_argument("--model", help="model directory (default: the config's model)")
+    parser.add_argument("--slots", type=int, nargs="+", default=[1, 4, 16], help="adapters trained together")
+    parser.add_argument("--steps", type=int, default=20, help="timed engine steps per measurement")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    figures = measure(config, args.model, args.slots, args.steps)
+    print(render(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def measure(config, model_path: str | None, slot_counts: list[int], steps: int) -> dict:
+    import torch
+
+    from sweeps.benchmark import prepared_data
+    from sweeps.search_space import plan_sweep
+    from trainables.engine import LoraEngine
+    from trainables.model_loading import choose_precision
+    from trainables.trial_spec import BaseModelSpec
+
+    if model_path:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, model_name_or_path=model_path))
+    splits, model_dir = prepared_data(config)
+    plan = plan_sweep(config.sweep, config.training)
+    cuda = torch.cuda.is_available()
+    precision, path = choose_precision(config.model.load_in_4bit, config.model.cpu_fallback, cuda)
+    base = BaseModelSpec(model_dir=model_dir, precision=precision, device="cuda" if cuda else "cpu",
+                         bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
+                         bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
+    max_rank = max(plan.values("lora_r", config.training.lora_r))
+    peak = matmul_rate() if cuda else None
+    results = []
+    for count in slot_counts:
+        engine = LoraEngine(base, slots=count, max_rank=max_rank)
+        for training in adapters_of_the_space(config, plan, count):
+            engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
+        results.append(time_steps(engine, steps, peak, linear_parameters(engine.model)))
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"model": base.model_dir, "path": path, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "bf16_matmul_tflops": peak, "batch": config.training.per_device_train_batch_size,
+            "date": time.strftime("%Y-%m-%d"), "runs": results}
+
+
+def adapters_of_the_space(config, plan, count: int) -> list:
+    """`count` adapters over the corners of the searched ranks, alphas and target presets (the largest first), the
+    learning rate at its upper bound: what a study puts on one GPU."""
+    training = config.training
+    corners = list(itertools.product(sorted(plan.values("lora_r", training.lora_r), reverse=True),
+                                     plan.values("lora_alpha", training.lora_alpha),
+                                     plan.values("lora_target_modules", training.lora_target_modules)))
+    corners.sort(key=lambda c: (c[2] != "all_linear", -c[0]))
+    learning_rate = max(plan.values("learning_rate", training.learning_rate))
+    return [dataclasses.replace(training, lora_r=r, lora_alpha=a, lora_target_modules=t, learning_rate=learning_rate,
+                                seed=index, max_steps=10**6)
+            for index, (r, a, t) in zip(range(count), itertools.cycle(corners))]
+
+
+def linear_parameters(model) -> int:
+    """Parameters of the base's linear layers and output head: what each token multiplies through."""
+    from trainables.multi_lora import MultiLoraLinear
+
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, MultiLoraLinear))
+    head = model.get_output_embeddings()
+    return total + head.in_features * head.out_features
+
+
+def matmul_rate() -> float:
+    """bf16 TFLOP/s of a large matmul on this GPU, measured now."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    began, runs = time.time(), 20
+    for _ in range(runs):
+        a @ b
+    torch.cuda.synchronize()
+    return round(2 * 8192**3 * runs / (time.time() - began) / 1e12, 1)
+
+
+def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for _ in range(3):  # warm-up: allocator, kernels' first launches
+        engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = sum(a.tokens_seen for a in engine.adapters.values())
+    began = time.time()
+    for _ in range(steps):
+        engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.time() - began
+    # Real tokens only (a slot's row is padded to the longest of the step; pads are not counted).
+    tokens = sum(a.tokens_seen for a in engine.adapters.values()) - tokens_before
+    rate = tokens / seconds
+    run = {"slots": len(engine.adapters), "step_ms": round(1000 * seconds / steps, 1),
+           "tokens_per_step": round(tokens / steps), "tokens_per_s": round(rate),
+           # Forward plus the input-gradient backward: 4 FLOPs per parameter and token (no weight gradients).
+           "model_tflops": round(4 * parameters * rate / 1e12, 2)}
+    if cuda:
+        run["mfu"] = round(run["model_tflops"] / peak, 4)
+        run["gpu_memory_allocated_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        run["breakdown"] = profile_step(engine)
+    return run
+
+
+def profile_step(engine, steps: int = 3) -> dict:
+    """CUDA time per kernel class over a few engine steps, and the step time no kernel covered (Python, launches)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    began = time.time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall_ms = 1000 * (time.time() - began) / steps
+    classes: dict[str, float] = {}
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if not cuda_us or event.key.startswith(("aten::", "cuda", "Profiler")):
+            continue
+        classes[kernel_class(event.key)] = classes.get(kernel_class(event.key), 0.0) + cuda_us / 1000 / steps
+    busy = sum(classes.values())
+    out = {name: round(ms, 2) for name, ms in sorted(classes.items(), key=lambda kv: -kv[1])}
+    out["gpu busy (sum of kernels)"] = round(busy, 2)
+    out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
+    out["step wall (profiled)"] = round(wall_ms, 2)
+    return out
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    if "4bit" in lowered or "dequant" in lowered or "nf4" in lowered:
+        return "4-bit dequantize / gemm_4bit (base)"
+    if "gemm" in lowered or "gemv" in lowered or "cutlass" in lowered or "sm90" in lowered or "matmul" in lowered:
+        # fp32 GEMMs are the LoRA terms (fp32 adapters); bf16 ones the base and the output head.
+        return "matmul fp32 (LoRA)" if ("f32" in lowered or "sgemm" in lowered or "tf32" in lowered) \
+            else "matmul bf16 (base, head)"
+    if "softmax" in lowered or "cross_entropy" in lowered or "nll" in lowered or "log_softmax" in lowered:
+        return "loss (softmax, cross-entropy)"
+    if "flash" in lowered or "attention" in lowered or "fmha" in lowered:
+        return "attention"
+    if "foreach" in lowered or "adam" in lowered:
+        return "optimizer"
+    if "elementwise" in lowered or "vectorized" in lowered or "reduce" in lowered or "copy" in lowered \
+            or "index" in lowered or "cat" in lowered:
+        return "elementwise, copies, reductions (LoRA glue, norms, optimizer)"
+    return "other kernels"
+
+
+def render(figures: dict) -> str:
+    lines = [f"{figures['model']} ({figures['path']}) on {figures['device']}, {figures['date']}; batch "
+             f"{figures['batch']} per adapter; bf16 matmul rate measured: {figures['bf16_matmul_tflops']} TFLOP/s", "",
+             "| adapters | step (ms) | tokens/step | tokens/s | model TFLOP/s | MFU | GPU memory peak |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in figures["runs"]:
+        mfu = f"{100 * run['mfu']:.1f}%" if "mfu" in run else "-"
+        memory = f"{run['gpu_memory_allocated_peak_mib']:,} MiB" if "gpu_memory_allocated_peak_mib" in run else "-"
+        lines.append(f"| {run['slots']} | {run['step_ms']} | {run['tokens_per_step']:,} | {run['tokens_per_s']:,} | "
+                     f"{run['model_tflops']} | {mfu} | {memory} |")
+    for run in figures["runs"]:
+        if "breakdown" in run:
+            lines += ["", f"one engine step with {run['slots']} adapters (ms):"]
+            lines += [f"- {name}: {ms}" for name, ms in run["breakdown"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ BENCHMARKS.md keeps the tables.
     python sweeps/benchmark.py lorasweep --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
     python sweeps/benchmark.py engine    --config sweeps/configs/benchmark.yaml output.dir=/tmp/bench
     python sweeps/benchmark.py table /tmp/bench
-    python sweeps/benchmark.py make-model --like-tinyllama-1.1b --tokenizer-from DIR --out DIR
+    python sweeps/benchmark.py make-model --shape llama-3-8b --tokenizer-from DIR --out DIR
 
 Each way runs as its own command (one right after the other), in experiment <output.name>-<way>, and writes
 <output.dir>/benchmark_<way>.json; `table` prints both as Markdown. Figures per way: sweep wall time (Tuner.fit),
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         run.add_argument("overrides", nargs="*", help="dotted overrides, applied to both ways alike")
     table = sub.add_parser("table", help="print the Markdown table of the ways measured in a directory")
     table.add_argument("directory")
-    model = sub.add_parser("make-model", help="save a randomly initialized TinyLlama-1.1B-shaped model")
+    model = sub.add_parser("make-model", help="save a randomly initialized model of a known shape")
+    model.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
     model.add_argument("--tokenizer-from", required=True, help="a model directory whose tokenizer to use")
     model.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(load_figures(Path(args.directory))))
         return 0
     if args.command == "make-model":
-        make_tinyllama_shaped_model(args.tokenizer_from, args.out)
+        make_shaped_model(args.shape, args.tokenizer_from, args.out)
         return 0
     config = load_config(args.config, args.overrides)
     figures = run_way(args.command, args.config, args.overrides, config)
@@ -330,20 +331,31 @@ def speed_line(reference: dict, other: dict) -> str:
     return f"{other['way']} sweep wall time: {1 / ratio:.2f}x slower than {reference['way']}"
 
 
-def make_tinyllama_shaped_model(tokenizer_from: str, out: str) -> None:
-    """TinyLlama-1.1B's shape (22 layers, hidden 2048, MLP 5632, 32 heads, 4 KV heads) with random bf16 weights and
-    the given tokenizer's vocabulary: throughput costs the same as with real weights."""
+# Layer shapes of known models (their published configs); the vocabulary is the tokenizer's.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def make_shaped_model(shape: str, tokenizer_from: str, out: str) -> None:
+    """A model of a known shape with random bf16 weights and the given tokenizer's vocabulary: throughput costs the
+    same as with real weights. Built on the GPU when there is one (seconds, even for 8B)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"[benchmark] {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, random, saved to {out}")

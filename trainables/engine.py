@@ -61,6 +61,7 @@ class LoraEngine:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.routing, self.modules = wrap_linear_layers(self.model, slots, max_rank)
+        self.routing.exact_dropout = base.device != "cuda"
         self.max_rank = max_rank
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
@@ -167,7 +168,7 @@ class LoraEngine:
     def _forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
         layout = _flat_layout(batches, self.model.device)
         self.routing.set(list(batches), [(self.adapters[s].training.seed, self._micro_index(s)) for s in batches],
-                         self.model.device)
+                         self.model.device, any(self.adapters[s].training.lora_dropout for s in batches))
         try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
             return self._losses_and_backward(layout)
         finally:
@@ -189,6 +190,7 @@ class LoraEngine:
                 total = loss if total is None else total + loss
         if total is not None:
             total.backward()
+            self.optimizer.accumulated([slot for slot, loss in losses.items() if math.isfinite(loss)])
         return losses
 
     def _micro_index(self, slot: int) -> int:
@@ -214,7 +216,7 @@ class LoraEngine:
         size = adapter.training.per_device_eval_batch_size
         for start in range(0, len(adapter.eval_rows), size):
             layout = _flat_layout({slot: adapter.eval_rows[start:start + size]}, self.model.device)
-            self.routing.set([slot], None, self.model.device)
+            self.routing.set([slot], None, self.model.device, any_dropout=False)
             try:
                 nll += float(self._token_losses(layout).sum())
             finally:

@@ -31,14 +31,19 @@ class Routing:
 
     slots: list[int] = field(default_factory=list)
     dropout_keys: list[tuple[int, int]] | None = None
-    _index: torch.Tensor | None = None
+    # Keyed masks (exact beside any neighbours) or the device generator's (one kernel): see _dropout.
+    exact_dropout: bool = True
+    # Per step, set once for every module: the rows' slot index, and whether any row drops out at all.
+    index: torch.Tensor | None = None
+    any_dropout: bool = False
 
-    def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device) -> None:
+    def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool) -> None:
         self.slots, self.dropout_keys = slots, dropout_keys
-        self._index = torch.tensor(slots, device=device)
+        self.index = torch.tensor(slots, device=device)
+        self.any_dropout = any_dropout and dropout_keys is not None
 
     def clear(self) -> None:
-        self.slots, self.dropout_keys, self._index = [], None, None
+        self.slots, self.dropout_keys, self.index, self.any_dropout = [], None, None, False
 
 
 class MultiLoraLinear(nn.Module):
@@ -73,28 +78,58 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        index = self.routing._index
+        index = self.routing.index
         if index is None:
             return result
-        rows = x.to(torch.float32)  # [slots in this step, L, d_in]
-        if self.training and self.routing.dropout_keys is not None:
+        # The LoRA matmuls in bf16 on CUDA (as the per-process path's bf16 autocast runs them; the hidden states
+        # can be fp32 there, behind the fp32 norms of prepare_model_for_kbit_training), in fp32 on CPU; the
+        # adapters themselves stay fp32.
+        rows = x.to(torch.bfloat16 if x.is_cuda else torch.float32)  # [slots in this step, L, d_in]
+        if self.training and self.routing.any_dropout:
             rows = self._dropout(rows, index)
-        hidden = torch.bmm(rows, self.lora_A.index_select(0, index).transpose(1, 2))
-        delta = torch.bmm(hidden, self.lora_B.index_select(0, index).transpose(1, 2))
-        delta = delta * self.scale.index_select(0, index).view(-1, 1, 1)
-        return (result + delta).to(result.dtype)
+        return result + _LoraTerm.apply(rows, self.lora_A, self.lora_B, index, self.scale).to(result.dtype)
 
     def _dropout(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         p = self.dropout.index_select(0, index).view(-1, 1, 1)
-        if rows.is_cuda:
-            # The CUDA generator, in one kernel for all rows: the masks have the distribution of each adapter's
-            # own, but depend on the step's neighbours. The keyed masks below are exact, and what the CPU tests
-            # check, but cost a dozen passes over the activations without a fused kernel.
-            keep = torch.rand_like(rows) >= p
-        else:
+        if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
                               for p_i, (seed, step) in zip(p.flatten().tolist(), self.routing.dropout_keys)])
+        else:
+            # The device generator, in one kernel for all rows: each adapter's masks have the distribution of its
+            # own, but depend on the step's neighbours. The keyed masks above are exact, and what the CPU tests
+            # check, but cost a dozen passes over the activations without a fused kernel: the CUDA default.
+            keep = torch.rand_like(rows, dtype=torch.float32) >= p
         return rows * keep / (1.0 - p)
+
+
+class _LoraTerm(torch.autograd.Function):
+    """rows @ A[index]^T @ (scale * B[index])^T for the step's slots, with the backward written out: the same
+    matmuls autograd would run, without its bookkeeping nodes (casts, transposes, views) for every module of
+    every step, which on a launch-bound step cost as much as the matmuls. A and B are fp32 leaves [S, R, d_in]
+    and [S, d_out, R]; only the step's slots get gradients (the rest stay zero)."""
+
+    @staticmethod
+    def forward(ctx, rows, lora_a, lora_b, index, scale):
+        a = lora_a.index_select(0, index).to(rows.dtype)
+        s = scale.index_select(0, index).view(-1, 1, 1)
+        b = (lora_b.index_select(0, index) * s).to(rows.dtype)
+        hidden = torch.bmm(rows, a.transpose(1, 2))
+        ctx.save_for_backward(rows, a, b, hidden, index, s)
+        ctx.shapes = lora_a.shape, lora_b.shape
+        return torch.bmm(hidden, b.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, a, b, hidden, index, s = ctx.saved_tensors
+        shape_a, shape_b = ctx.shapes
+        grad_out = grad_out.to(rows.dtype)
+        grad_hidden = torch.bmm(grad_out, b)
+        grad_rows = torch.bmm(grad_hidden, a) if ctx.needs_input_grad[0] else None
+        grad_a = torch.zeros(shape_a, device=rows.device).index_add_(
+            0, index, torch.bmm(grad_hidden.transpose(1, 2), rows).float())
+        grad_b = torch.zeros(shape_b, device=rows.device).index_add_(
+            0, index, torch.bmm(grad_out.transpose(1, 2), hidden).float() * s)
+        return grad_rows, grad_a, grad_b, None, None
 
 
 def keyed_keep_mask(shape: tuple[int, int], p: float, seed: int, step: int, module_index: int, device) -> torch.Tensor:

@@ -33,72 +33,89 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int)
 
 
 class SlotAdamW:
-    """State per stacked parameter (slot dimension first): exp_avg and exp_avg_sq; per slot: the step count."""
+    """State per stacked parameter (slot dimension first): exp_avg and exp_avg_sq; per slot: the step count.
+
+    One update touches whole tensors, with per-slot factors broadcast over the slot dimension (a slot that is not
+    due gets weight 0, so its moments and weights stay as they are), through torch's multi-tensor `_foreach` ops:
+    the number of kernel launches per step depends on neither the number of slots nor their mix, and no slot is
+    gathered or scattered."""
 
     def __init__(self, params: list[torch.nn.Parameter], slots: int):
         self.params = params
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
         self.steps = [0] * slots
+        self.device = params[0].device
+        self.accumulating: set[int] = set()  # slots whose gradients hold micro-batches not yet stepped
 
     def reset_slot(self, slot: int) -> None:
         """A new adapter in the slot starts with fresh moments and step count."""
-        for m, v in zip(self.exp_avg, self.exp_avg_sq):
-            m[slot].zero_()
-            v[slot].zero_()
+        with torch.no_grad():
+            for m, v in zip(self.exp_avg, self.exp_avg_sq):
+                m[slot].zero_()
+                v[slot].zero_()
         self.steps[slot] = 0
 
     def grad_norms(self) -> torch.Tensor:
         """Each slot's gradient norm over all its parameters, [S]."""
-        total = None
-        for p in self.params:
-            if p.grad is None:
-                continue
-            squares = p.grad.float().pow(2).flatten(1).sum(1)
-            total = squares if total is None else total + squares
-        return total.sqrt()
+        grads = [p.grad.flatten(1) for p in self.params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.cat(grads, dim=1).float(), dim=1)
 
     @torch.no_grad()
     def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> dict[int, float]:
-        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots; zero their gradients. Returns each due
+        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns each due
         slot's gradient norm before clipping (non-finite: the caller fails that slot; it is not updated)."""
-        if not due:
-            return {}
+        if not due or all(p.grad is None for p in self.params):
+            return {slot: 0.0 for slot in due}
         norms = self.grad_norms()
-        reported = {slot: float(norms[slot]) for slot in due}
-        due = [slot for slot in due if math.isfinite(reported[slot])]
-        if due:
-            self._update(due, norms, lrs, weight_decay)
+        values = norms.tolist()
+        reported = {slot: values[slot] for slot in due}
+        finite = [slot for slot in due if math.isfinite(reported[slot])]
+        if finite:
+            self._update(finite, norms, lrs, weight_decay)
         self.zero_grad(list(reported))
         return reported
 
     def _update(self, due: list[int], norms: torch.Tensor, lrs: dict[int, float], weight_decay: dict[int, float]):
-        device = self.params[0].device
-        index = torch.tensor(due, device=device)
+        beta1, beta2 = BETAS
+        slots = len(self.steps)
+        moment1, moment2, step_size, bias2_sqrt, keep = [0.0] * slots, [0.0] * slots, [0.0] * slots, [1.0] * slots, \
+            [1.0] * slots
         for slot in due:
             self.steps[slot] += 1
-        beta1, beta2 = BETAS
-        steps = torch.tensor([self.steps[s] for s in due], dtype=torch.float64)
-        lr = torch.tensor([lrs[s] for s in due], dtype=torch.float64)
-        decay = torch.tensor([weight_decay[s] for s in due], dtype=torch.float64)
-        step_size = (lr / (1 - beta1 ** steps)).to(torch.float32)
-        bias2_sqrt = (1 - beta2 ** steps).sqrt().to(torch.float32)
-        keep = (1 - lr * decay).to(torch.float32)
-        clip = (MAX_GRAD_NORM / (norms[index].float() + 1e-6)).clamp(max=1.0)
-        for p, m_all, v_all in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            grad = p.grad[index] * clip.view(shape)
-            m = m_all[index].mul_(beta1).add_(grad, alpha=1 - beta1)
-            v = v_all[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            m_all[index] = m
-            v_all[index] = v
-            denom = (v.sqrt() / bias2_sqrt.to(device).view(shape)).add_(EPS)
-            updated = p[index] * keep.to(device).view(shape) - step_size.to(device).view(shape) * m / denom
-            p[index] = updated
+            step, lr = self.steps[slot], lrs[slot]
+            moment1[slot], moment2[slot] = 1 - beta1, 1 - beta2
+            step_size[slot] = lr / (1 - beta1 ** step)
+            bias2_sqrt[slot] = math.sqrt(1 - beta2 ** step)
+            keep[slot] = 1 - lr * weight_decay[slot]
+        w1, w2, size, bias2, decay = (torch.tensor(v, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+                                      for v in (moment1, moment2, step_size, bias2_sqrt, keep))
+        clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
+        params = [p for p in self.params if p.grad is not None]
+        m = [m for m, p in zip(self.exp_avg, self.params) if p.grad is not None]
+        v = [v for v, p in zip(self.exp_avg_sq, self.params) if p.grad is not None]
+        n = len(params)
+        grads = torch._foreach_mul([p.grad for p in params], [clip] * n)
+        torch._foreach_lerp_(m, grads, [w1] * n)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
+        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), [w2] * n)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [bias2] * n)
+        torch._foreach_add_(denom, EPS)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, [size] * n)
+        torch._foreach_mul_(params, [decay] * n)  # decoupled weight decay, as torch.optim.AdamW
+        torch._foreach_sub_(params, update)
+
+    def accumulated(self, slots: list[int]) -> None:
+        """The slots whose micro-batches a backward pass just added to the gradients."""
+        self.accumulating.update(slots)
 
     def zero_grad(self, slots: list[int]) -> None:
+        self.accumulating.difference_update(slots)
+        if not self.accumulating:  # nothing left to keep: drop the gradients instead of writing zeros
+            for p in self.params:
+                p.grad = None
+            return
         for p in self.params:
             if p.grad is not None:
                 p.grad[slots] = 0

@@ -199,9 +199,12 @@ class LoraEngine:
 
     def _token_losses(self, layout: "_Layout") -> torch.Tensor:
         """Cross-entropy of every flattened position against its target (0 where it has none)."""
-        # No cache: with one, transformers skips finding the packed examples in position_ids, and they would attend
-        # to each other.
-        logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits
+        # bf16 autocast on CUDA, as the Trainer runs the per-process path (bf16=True): prepare_model_for_kbit_training
+        # leaves norms, embeddings and the head in fp32, and without autocast attention and the head ran in fp32
+        # (fp32 attention kernels seen in the H200 profile). No cache: with one, transformers skips finding the
+        # packed examples in position_ids, and they would attend to each other.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda):
+            logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), layout.targets, ignore_index=-100,
                                                  reduction="none")
 

@@ -50,7 +50,8 @@ class MultiLoraLinear(nn.Module):
     """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus S LoRA slots of rank up to R. Every row's
     LoRA term is computed by two batched matmuls over the gathered slots, whatever the number of slots: a fixed
     number of kernels per layer (a loop over adapters would launch kernels per adapter, which is what keeps small
-    models' steps launch-bound)."""
+    models' steps launch-bound). Plain autograd: a hand-written backward measured slower on the H200
+    (BENCHMARKS.md)."""
 
     def __init__(self, base: nn.Module, module_index: int, slots: int, max_rank: int, routing: Routing):
         super().__init__()
@@ -87,7 +88,10 @@ class MultiLoraLinear(nn.Module):
         rows = x.to(torch.bfloat16 if x.is_cuda else torch.float32)  # [slots in this step, L, d_in]
         if self.training and self.routing.any_dropout:
             rows = self._dropout(rows, index)
-        return result + _LoraTerm.apply(rows, self.lora_A, self.lora_B, index, self.scale).to(result.dtype)
+        hidden = torch.bmm(rows, self.lora_A.index_select(0, index).to(rows.dtype).transpose(1, 2))
+        # The scale rides on B, which is [slots, d_out, R], not on the [slots, L, d_out] result: a smaller product.
+        b = self.lora_B.index_select(0, index) * self.scale.index_select(0, index).view(-1, 1, 1)
+        return result + torch.bmm(hidden, b.to(rows.dtype).transpose(1, 2)).to(result.dtype)
 
     def _dropout(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         p = self.dropout.index_select(0, index).view(-1, 1, 1)
@@ -100,36 +104,6 @@ class MultiLoraLinear(nn.Module):
             # check, but cost a dozen passes over the activations without a fused kernel: the CUDA default.
             keep = torch.rand_like(rows, dtype=torch.float32) >= p
         return rows * keep / (1.0 - p)
-
-
-class _LoraTerm(torch.autograd.Function):
-    """rows @ A[index]^T @ (scale * B[index])^T for the step's slots, with the backward written out: the same
-    matmuls autograd would run, without its bookkeeping nodes (casts, transposes, views) for every module of
-    every step, which on a launch-bound step cost as much as the matmuls. A and B are fp32 leaves [S, R, d_in]
-    and [S, d_out, R]; only the step's slots get gradients (the rest stay zero)."""
-
-    @staticmethod
-    def forward(ctx, rows, lora_a, lora_b, index, scale):
-        a = lora_a.index_select(0, index).to(rows.dtype)
-        s = scale.index_select(0, index).view(-1, 1, 1)
-        b = (lora_b.index_select(0, index) * s).to(rows.dtype)
-        hidden = torch.bmm(rows, a.transpose(1, 2))
-        ctx.save_for_backward(rows, a, b, hidden, index, s)
-        ctx.shapes = lora_a.shape, lora_b.shape
-        return torch.bmm(hidden, b.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        rows, a, b, hidden, index, s = ctx.saved_tensors
-        shape_a, shape_b = ctx.shapes
-        grad_out = grad_out.to(rows.dtype)
-        grad_hidden = torch.bmm(grad_out, b)
-        grad_rows = torch.bmm(grad_hidden, a) if ctx.needs_input_grad[0] else None
-        grad_a = torch.zeros(shape_a, device=rows.device).index_add_(
-            0, index, torch.bmm(grad_hidden.transpose(1, 2), rows).float())
-        grad_b = torch.zeros(shape_b, device=rows.device).index_add_(
-            0, index, torch.bmm(grad_out.transpose(1, 2), hidden).float() * s)
-        return grad_rows, grad_a, grad_b, None, None
 
 
 def keyed_keep_mask(shape: tuple[int, int], p: float, seed: int, step: int, module_index: int, device) -> torch.Tensor:

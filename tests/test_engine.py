@@ -228,3 +228,17 @@ def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tin
     alone.add("subject", SUBJECT, rows["train"], rows["validation"])
     assert train(together)[subject] == pytest.approx(train(alone)[0], rel=1e-4)
     assert together.evaluate(subject) == pytest.approx(alone.evaluate(0), rel=1e-4)
+
+
+def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys):
+    from sweeps.engine_benchmark import kernel_class, main
+
+    assert main(["--model", str(tiny_model_dir), "--slots", "1", "3", "--steps", "2", f"data.dataset_name={tiny_data_dir}",
+                 "data.num_targets=0", "training.per_device_train_batch_size=4"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")
+            or line.startswith("| 3 |")]
+    tokens_per_step = [int(row[3].replace(",", "")) for row in rows]
+    assert len(rows) == 2 and tokens_per_step[1] > 2 * tokens_per_step[0] > 0
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
+    assert kernel_class("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_ffma") == "matmul fp32"
+    assert kernel_class("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention (fp32)"

@@ -191,8 +191,7 @@ def test_a_checkpoint_resumes_the_adapter_exactly(base, rows, tmp_path):
     done = []
     while first.adapters[slot].step < 3:
         done.append(first.step()[slot])
-    first.save_adapter(slot, tmp_path / "ckpt")
-    first.save_state(slot, tmp_path / "ckpt")
+    first.save_adapter(slot, tmp_path / "ckpt")  # the PEFT files and the engine's state
 
     second = engine_for(base, slots=2)
     second.add("neighbour", NEIGHBOURS[2], rows["train"], rows["validation"])
@@ -242,3 +241,15 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
     assert kernel_class("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_ffma") == "matmul fp32"
     assert kernel_class("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention (fp32)"
+
+
+def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows):
+    engine = engine_for(base, slots=3)
+    slots = [engine.add(f"a{i}", config, rows["train"], rows["validation"])
+             for i, config in enumerate([SUBJECT, NEIGHBOURS[0], NEIGHBOURS[2]])]
+    for _ in range(3):
+        engine.step()
+    together = engine.evaluate_many(slots)
+    alone = {slot: engine.evaluate(slot) for slot in slots}
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len({round(loss, 6) for loss in together.values()}) == 3  # three different adapters, three losses

@@ -210,22 +210,37 @@ class LoraEngine:
 
     # -------------------------------------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self, slot: int) -> float:
         """Mean loss per completion token over the adapter's evaluation rows (no dropout)."""
-        adapter = self.adapters[slot]
+        return self.evaluate_many([slot])[slot]
+
+    @torch.no_grad()
+    def evaluate_many(self, slots: list[int]) -> dict[int, float]:
+        """evaluate() for several adapters at once: one forward per evaluation batch for all of them, each adapter's
+        batch in its own row (adapters reaching an evaluation together, as a study's do, share the passes)."""
         self.model.eval()
-        nll, count = 0.0, 0
-        size = adapter.training.per_device_eval_batch_size
-        for start in range(0, len(adapter.eval_rows), size):
-            layout = _flat_layout({slot: adapter.eval_rows[start:start + size]}, self.model.device)
-            self.routing.set([slot], None, self.model.device, any_dropout=False)
-            try:
-                nll += float(self._token_losses(layout).sum())
-            finally:
-                self.routing.clear()
-            count += int((layout.targets != -100).sum())
-        return nll / count if count else math.nan
+        groups: dict[tuple[int, int], list[int]] = {}
+        for slot in slots:  # adapters with the same evaluation rows and batch size go through together
+            adapter = self.adapters[slot]
+            groups.setdefault((id(adapter.eval_rows), adapter.training.per_device_eval_batch_size), []).append(slot)
+        nll = {slot: 0.0 for slot in slots}
+        count = {slot: 0 for slot in slots}
+        for (_, size), group in groups.items():
+            rows = self.adapters[group[0]].eval_rows
+            for start in range(0, len(rows), size):
+                batch = rows[start:start + size]
+                layout = _flat_layout({slot: batch for slot in group}, self.model.device)
+                self.routing.set(group, None, self.model.device, any_dropout=False)
+                try:
+                    token_losses = self._token_losses(layout)
+                finally:
+                    self.routing.clear()
+                sums = torch.stack([token_losses[begin:end].sum() for slot, begin, end in layout.segments if slot >= 0])
+                targets = sum(_target_count(row) for row in batch)  # the same rows in every adapter's row
+                for slot, value in zip(group, sums.tolist()):
+                    nll[slot] += value
+                    count[slot] += targets
+        return {slot: nll[slot] / count[slot] if count[slot] else math.nan for slot in slots}
 
     def take_train_loss(self, slot: int) -> float:
         """The mean training loss since the last call (what the Trainer logs per logging window)."""
@@ -238,38 +253,36 @@ class LoraEngine:
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
-    def save_adapter(self, slot: int, directory: Path) -> None:
-        """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), loadable with
-        PeftModel.from_pretrained on the same base."""
+    def snapshot(self, slot: int) -> "Snapshot":
+        """The adapter and what resuming it needs, copied off the device: quick, so that the engine's lock is held
+        only for the copy, and the writing happens outside it (Snapshot.write)."""
         from peft import LoraConfig
-        from safetensors.torch import save_file
 
-        adapter = self.adapters[slot]
-        t = adapter.training
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        preset = TARGET_MODULE_PRESETS[t.lora_target_modules]
-        LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                   target_modules=preset if isinstance(preset, str) else list(preset), task_type="CAUSAL_LM",
-                   base_model_name_or_path=self.base_spec.model_dir).save_pretrained(str(directory))
-        weights = {}
-        for name in sorted(adapter.targets):
-            module = self.modules[name]
-            weights[f"base_model.model.{name}.lora_A.weight"] = module.lora_A[slot, :t.lora_r].detach().cpu().contiguous()
-            weights[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[slot, :, :t.lora_r].detach().cpu().contiguous()
-        save_file(weights, str(directory / "adapter_model.safetensors"))
-
-    def save_state(self, slot: int, directory: Path) -> None:
-        """What resuming the adapter needs beside its PEFT files: optimizer state, step and data position."""
         adapter = self.adapters[slot]
         if adapter.micro_step:
             raise RuntimeError("a checkpoint is taken between optimizer steps, not inside an accumulation window")
-        torch.save({"optimizer": self.optimizer.slot_state(slot), "step": adapter.step, "order": adapter.order,
-                    "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
-                    "generator": adapter.generator.get_state()}, Path(directory) / ENGINE_STATE_FILE)
+        t = adapter.training
+        preset = TARGET_MODULE_PRESETS[t.lora_target_modules]
+        config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                            target_modules=preset if isinstance(preset, str) else list(preset), task_type="CAUSAL_LM",
+                            base_model_name_or_path=self.base_spec.model_dir)
+        weights = {}
+        for name in sorted(adapter.targets):
+            module = self.modules[name]
+            weights[f"base_model.model.{name}.lora_A.weight"] = module.lora_A[slot, :t.lora_r].detach().cpu().clone()
+            weights[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[slot, :, :t.lora_r].detach().cpu().clone()
+        state = {"optimizer": self.optimizer.slot_state(slot), "step": adapter.step, "order": list(adapter.order),
+                 "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
+                 "generator": adapter.generator.get_state()}
+        return Snapshot(config, weights, state)
+
+    def save_adapter(self, slot: int, directory: Path) -> None:
+        """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), loadable with
+        PeftModel.from_pretrained on the same base, and the engine's state for resuming it."""
+        self.snapshot(slot).write(Path(directory))
 
     def resume(self, slot: int, directory: Path) -> None:
-        """Load an adapter saved by save_adapter + save_state into the slot `add` gave it."""
+        """Load an adapter saved by save_adapter into the slot `add` gave it."""
         from safetensors.torch import load_file
 
         adapter = self.adapters[slot]
@@ -284,6 +297,23 @@ class LoraEngine:
         adapter.step, adapter.order, adapter.cursor = state["step"], state["order"], state["cursor"]
         adapter.epoch, adapter.tokens_seen = state["epoch"], state["tokens_seen"]
         adapter.generator.set_state(state["generator"])
+
+
+@dataclass
+class Snapshot:
+    """An adapter off the device: its PEFT config and weights, and the engine's state for resuming it."""
+
+    config: object  # peft.LoraConfig
+    weights: dict[str, torch.Tensor]
+    state: dict
+
+    def write(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(str(directory))
+        save_file(self.weights, str(directory / "adapter_model.safetensors"))
+        torch.save(self.state, directory / ENGINE_STATE_FILE)
 
 
 def _target_count(row: dict) -> int:

@@ -97,14 +97,14 @@ class EngineServer:
 
     def checkpoint(self, trial_id: str) -> dict[str, bytes]:
         """The adapter (PEFT layout, with the tokenizer, as a per-process trial's checkpoint) and the engine's
-        state for it, as file contents: Ray carries them to the trial, wherever it runs."""
+        state for it, as file contents: Ray carries them to the trial, wherever it runs. Only the copy off the
+        device holds the engine's lock; serializing hundreds of MB under it stalled every adapter's steps."""
         with self.condition:
-            slot = self.slots[trial_id]
-            with tempfile.TemporaryDirectory(prefix="lorasweep-engine-ckpt-") as directory:
-                self.engine.save_adapter(slot, Path(directory))
-                self.engine.save_state(slot, Path(directory))
-                self.tokenizer.save_pretrained(directory)
-                return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+            snapshot = self.engine.snapshot(self.slots[trial_id])
+        with tempfile.TemporaryDirectory(prefix="lorasweep-engine-ckpt-") as directory:
+            snapshot.write(Path(directory))
+            self.tokenizer.save_pretrained(directory)
+            return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
 
     def figures(self) -> dict:
         """The engine's own figures: start-up, time inside steps, steps run, peak memory."""
@@ -125,11 +125,11 @@ class EngineServer:
                         self.engine.adapters[slot].failure = f"{type(err).__name__}: {err}"
                 self.train_seconds += time.time() - began
                 self.steps_run += 1
-                for slot in pending:
-                    adapter = self.engine.adapters[slot]
-                    if adapter.failure or adapter.step >= self.targets[slot]:
-                        self.results[slot] = self._result(slot)
-                        del self.targets[slot]
+                arrived = [slot for slot in pending if self.engine.adapters[slot].failure
+                           or self.engine.adapters[slot].step >= self.targets[slot]]
+                self.results.update(self._results(arrived))
+                for slot in arrived:
+                    del self.targets[slot]
                 self.condition.notify_all()
 
     def _pending(self) -> list[int]:
@@ -137,12 +137,20 @@ class EngineServer:
         return [slot for slot, target in sorted(self.targets.items())
                 if slot in active and slot not in self.results and self.engine.adapters[slot].step < target]
 
-    def _result(self, slot: int) -> dict:
-        adapter = self.engine.adapters[slot]
-        if adapter.failure:
-            return {"step": adapter.step, "failure": adapter.failure, "tokens": adapter.tokens_seen}
-        return {"step": adapter.step, "eval_loss": self.engine.evaluate(slot),
-                "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen}
+    def _results(self, slots: list[int]) -> dict[int, dict]:
+        """The evaluation of every adapter that reached its target in this step, in shared forward passes."""
+        adapters = self.engine.adapters
+        healthy = [slot for slot in slots if not adapters[slot].failure]
+        losses = self.engine.evaluate_many(healthy) if healthy else {}
+        results = {}
+        for slot in slots:
+            adapter = adapters[slot]
+            if adapter.failure:
+                results[slot] = {"step": adapter.step, "failure": adapter.failure, "tokens": adapter.tokens_seen}
+            else:
+                results[slot] = {"step": adapter.step, "eval_loss": losses[slot],
+                                 "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen}
+        return results
 
 
 def _peak_memory_mb() -> float:

@@ -17,8 +17,6 @@ SEARCHABLE = {f for f in TrainingConfig.__dataclass_fields__}
 INT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("int", int)}
 FLOAT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("float", float)}
 POSITIVE_KEYS = {"lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"}
-# vLLM serves LoRA ranks from this set only: keep searched ranks servable (CONVENTIONS.md).
-VLLM_RANKS = {8, 16, 32, 64, 128, 256, 320, 512}
 _SPEC_KEYS = {"values", "value", "distribution", "min", "max"}
 
 

@@ -168,7 +168,6 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
     experiment_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, experiment_dir / "config.yaml")
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
-    # What the report needs of the plan, saved once: eval/ reads it instead of rebuilding it from config.yaml.
     engines = []
     if shared:
         engines, trainable, callbacks, engine_gpus = start_shared_engines(config, plan, base, splits, path_line)
@@ -176,6 +175,7 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
         trainable = build_trainable(training, base, config.data.max_length, splits, config.resources.cpus_per_trial,
                                     gpus)
         callbacks, engine_gpus = [], 0.0
+    # What the report needs of the plan, saved once: eval/ reads it instead of rebuilding it from config.yaml.
     write_json_atomically(experiment_dir / PLAN_FILE, {**plan.to_json(), "gpus_per_trial": gpus, "precision": precision,
                                                        "engine": config.resources.engine, "engines": len(engines),
                                                        "gpus_per_engine": engine_gpus})

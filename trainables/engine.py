@@ -109,7 +109,8 @@ class LoraEngine:
         """One micro-batch of each given active slot through one forward and backward; adapters whose
         accumulation window is complete take their optimizer step. Returns each slot's micro-batch loss (its
         share of the window's loss, as the Trainer's step loss is), or inf for an adapter that failed now."""
-        slots = [s for s in (self.active() if slots is None else slots) if s in self.active()]
+        active = self.active()
+        slots = active if slots is None else [s for s in slots if s in active]
         if not slots:
             return {}
         self.model.train()

@@ -15,7 +15,7 @@ an adapter trained beside others sees exactly what it would see alone."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,10 +26,9 @@ _MASK32 = 0xFFFFFFFF
 @dataclass
 class Routing:
     """The current step's layout, shared by every MultiLoraLinear of a model: the batch has one row per slot (its
-    micro-batch packed into that row), `slots[i]` is row i's slot, and `dropout_keys` each row's dropout key (the
+    micro-batch packed into that row), `index[i]` is row i's slot, and `dropout_keys` each row's dropout key (the
     adapter's seed and its own micro-step); no key: no dropout (evaluation)."""
 
-    slots: list[int] = field(default_factory=list)
     dropout_keys: list[tuple[int, int]] | None = None
     # Keyed masks (exact beside any neighbours) or the device generator's (one kernel): see _dropout.
     exact_dropout: bool = True
@@ -38,12 +37,12 @@ class Routing:
     any_dropout: bool = False
 
     def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool) -> None:
-        self.slots, self.dropout_keys = slots, dropout_keys
+        self.dropout_keys = dropout_keys
         self.index = torch.tensor(slots, device=device)
         self.any_dropout = any_dropout and dropout_keys is not None
 
     def clear(self) -> None:
-        self.slots, self.dropout_keys, self.index, self.any_dropout = [], None, None, False
+        self.dropout_keys, self.index, self.any_dropout = None, None, False
 
 
 class MultiLoraLinear(nn.Module):

@@ -272,10 +272,19 @@ class LoraEngine:
             module = self.modules[name]
             weights[f"base_model.model.{name}.lora_A.weight"] = module.lora_A[slot, :t.lora_r].detach().cpu().clone()
             weights[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[slot, :, :t.lora_r].detach().cpu().clone()
-        state = {"optimizer": self.optimizer.slot_state(slot), "step": adapter.step, "order": list(adapter.order),
+        state = {"optimizer": self.optimizer.slot_state(slot, self._trained_parts(adapter)), "step": adapter.step, "order": list(adapter.order),
                  "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
                  "generator": adapter.generator.get_state()}
         return Snapshot(config, weights, state)
+
+    def _trained_parts(self, adapter: Adapter) -> list[tuple | None]:
+        """Per optimizer parameter (each module's A, then its B), the part of a slot's row the adapter trains."""
+        rank = adapter.training.lora_r
+        parts = []
+        for name, module in self.modules.items():
+            targeted = name in adapter.targets
+            parts += [(slice(0, rank),) if targeted else None, (slice(None), slice(0, rank)) if targeted else None]
+        return parts
 
     def save_adapter(self, slot: int, directory: Path) -> None:
         """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), loadable with
@@ -294,7 +303,7 @@ class LoraEngine:
                 self.modules[name].lora_A[slot, :rank].copy_(weights[f"base_model.model.{name}.lora_A.weight"])
                 self.modules[name].lora_B[slot, :, :rank].copy_(weights[f"base_model.model.{name}.lora_B.weight"])
         state = torch.load(Path(directory) / ENGINE_STATE_FILE, weights_only=False)
-        self.optimizer.load_slot_state(slot, state["optimizer"])
+        self.optimizer.load_slot_state(slot, state["optimizer"], self._trained_parts(adapter))
         adapter.step, adapter.order, adapter.cursor = state["step"], state["order"], state["cursor"]
         adapter.epoch, adapter.tokens_seen = state["epoch"], state["tokens_seen"]
         adapter.generator.set_state(state["generator"])

@@ -4,8 +4,13 @@ its next evaluation, and reports the engine's eval_loss and a checkpoint to Tune
 does (trainables/qlora_trial.py), so the leaderboard, the evaluation stage, the merge and the report read it the
 same way.
 
-The actor steps every adapter that has a pending request together (one micro-batch each per engine step), in a
-thread of its own; the requests arrive on Ray's actor threads (`max_concurrency`) and wait on a condition."""
+The actor steps every adapter that has steps to go together (one micro-batch each per engine step), in a thread of
+its own; the requests arrive on Ray's actor threads (`max_concurrency`) and wait on a condition. A trial hands the
+engine its evaluation steps when it registers, and the engine trains through them: at each one it evaluates the
+adapter, copies it off the device and queues the result, and goes on to the next evaluation while the trial
+writes that checkpoint and reports it. So an adapter does not sit out engine steps while its trial reports (with
+a trial asking for one evaluation at a time, the adapters took part in 3 of 8 possible slots per step, measured
+in a CPU sweep). An adapter runs at most one evaluation ahead of its trial: ASHA's stop wastes little."""
 
 from __future__ import annotations
 
@@ -40,10 +45,16 @@ class EngineServer:
         self.startup_s = round(time.time() - started, 2)
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.slots: dict[str, int] = {}  # trial id -> slot
-        self.targets: dict[int, int] = {}  # slot -> the optimizer step its client waits for
-        self.results: dict[int, dict] = {}  # slot -> the evaluation at its target
-        self.train_seconds = 0.0
+        self.schedule: dict[int, list[int]] = {}  # slot -> the evaluation steps still to reach
+        self.results: dict[int, list[dict]] = {}  # slot -> evaluations reached, not yet taken by the trial
+        self.snapshots: dict[int, dict] = {}  # slot -> {step: Snapshot} of evaluations taken, not yet written
+        self.train_seconds = 0.0  # inside engine steps
+        self.eval_seconds = 0.0  # inside evaluations
+        self.idle_seconds = 0.0  # no adapter had a pending request
         self.steps_run = 0
+        self.adapter_steps = 0  # micro-batches over all engine steps: adapter_steps / steps_run adapters per step
+        self.started_at = time.time()
+        self.progress_at = time.time()
         self.condition = threading.Condition()
         threading.Thread(target=self._loop, name="engine-steps", daemon=True).start()
 
@@ -51,16 +62,20 @@ class EngineServer:
         with self.condition:
             return len(self.engine.free)
 
-    def register(self, trial_id: str, training: TrainingConfig, checkpoint: dict[str, bytes] | None) -> int:
-        """A slot for the trial's adapter (fresh, or its checkpoint's files); a trial seen before (a retry on the
-        same engine) gets a fresh slot, the old one is dropped."""
-        from trainables.engine import EngineFull
+    def node_id(self) -> str:
+        return _node_id()
 
+    def register(self, trial_id: str, training: TrainingConfig, checkpoint: dict[str, bytes] | None,
+                 evaluations: list[int]) -> int | None:
+        """A slot for the trial's adapter (fresh, or its checkpoint's files), trained from now on through the
+        `evaluations` (optimizer steps) still ahead of it; a trial seen before (a retry on the same engine) gets a
+        fresh slot, the old one is dropped. None when every slot is taken: not an exception, whose class the client
+        would have to import (with torch) to recognize."""
         with self.condition:
             if trial_id in self.slots:
                 self._drop(trial_id)
             if not self.engine.free:
-                raise EngineFull(f"no free slot for trial {trial_id}")
+                return None
             slot = self.engine.add(trial_id, training, self.train_rows, self.eval_rows)
             if checkpoint:
                 with tempfile.TemporaryDirectory(prefix="lorasweep-resume-") as directory:
@@ -68,6 +83,9 @@ class EngineServer:
                         (Path(directory) / name).write_bytes(data)
                     self.engine.resume(slot, Path(directory))
             self.slots[trial_id] = slot
+            self.schedule[slot] = sorted(evaluations)
+            self.results[slot], self.snapshots[slot] = [], {}
+            self.condition.notify_all()
             return slot
 
     def release(self, trial_id: str) -> None:
@@ -78,44 +96,59 @@ class EngineServer:
 
     def _drop(self, trial_id: str) -> None:
         slot = self.slots.pop(trial_id)
-        self.targets.pop(slot, None)
-        self.results.pop(slot, None)
+        for table in (self.schedule, self.results, self.snapshots):
+            table.pop(slot, None)
         self.engine.remove(slot)
         self.condition.notify_all()
 
-    def train_to(self, trial_id: str, step: int) -> dict:
-        """Block until the trial's adapter has taken `step` optimizer steps (or failed); its evaluation there."""
+    def next_result(self, trial_id: str) -> dict:
+        """Block until the trial's adapter reaches its next evaluation (or fails); that evaluation. Taking it lets the
+        adapter go on towards the one after."""
         with self.condition:
             slot = self.slots[trial_id]
-            self.targets[slot] = step
-            self.condition.notify_all()
-            while slot not in self.results:
+            while not self.results.get(slot):
                 self.condition.wait()
                 if self.slots.get(trial_id) != slot:
                     raise RuntimeError(f"trial {trial_id} was released while it waited")
-            return self.results.pop(slot)
+            result = self.results[slot].pop(0)
+            if "snapshot" in result:
+                self.snapshots[slot][result["step"]] = result.pop("snapshot")
+            self.condition.notify_all()
+            return result
 
-    def checkpoint(self, trial_id: str) -> dict[str, bytes]:
-        """The adapter (PEFT layout, with the tokenizer, as a per-process trial's checkpoint) and the engine's
-        state for it, as file contents: Ray carries them to the trial, wherever it runs. Only the copy off the
-        device holds the engine's lock; serializing hundreds of MB under it stalled every adapter's steps."""
+    def write_checkpoint(self, trial_id: str, step: int, directory: str | None) -> dict[str, bytes] | None:
+        """The adapter as it was at evaluation `step` (PEFT layout, with the tokenizer, as a per-process trial's
+        checkpoint) and the engine's state for it: written into `directory` when the trial runs on this node,
+        else returned as file contents for Ray to carry. Outside the engine's lock: the copy off the device was
+        taken at the evaluation, and writing hundreds of MB under the lock stalled every adapter's steps."""
         with self.condition:
-            snapshot = self.engine.snapshot(self.slots[trial_id])
-        with tempfile.TemporaryDirectory(prefix="lorasweep-engine-ckpt-") as directory:
+            snapshot = self.snapshots[self.slots[trial_id]].pop(step)
+        if directory is not None:
             snapshot.write(Path(directory))
             self.tokenizer.save_pretrained(directory)
-            return {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+            return None
+        with tempfile.TemporaryDirectory(prefix="lorasweep-engine-ckpt-") as scratch:
+            snapshot.write(Path(scratch))
+            self.tokenizer.save_pretrained(scratch)
+            return {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
 
     def figures(self) -> dict:
         """The engine's own figures: start-up, time inside steps, steps run, peak memory."""
-        return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
-                "engine_steps": self.steps_run, "engine_peak_memory_mb": round(_peak_memory_mb(), 1)}
+        with self.condition:
+            steps = max(1, self.steps_run)
+            return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
+                    "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
+                    "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
+                    "engine_step_ms": round(1000 * self.train_seconds / steps, 1),
+                    "engine_peak_memory_mb": round(_peak_memory_mb(), 1)}
 
     def _loop(self) -> None:
         while True:
             with self.condition:
+                waited = time.time()
                 while not self._pending():
                     self.condition.wait()
+                self.idle_seconds += time.time() - waited
                 pending = self._pending()
                 began = time.time()
                 try:
@@ -125,17 +158,33 @@ class EngineServer:
                         self.engine.adapters[slot].failure = f"{type(err).__name__}: {err}"
                 self.train_seconds += time.time() - began
                 self.steps_run += 1
+                self.adapter_steps += len(pending)
                 arrived = [slot for slot in pending if self.engine.adapters[slot].failure
-                           or self.engine.adapters[slot].step >= self.targets[slot]]
-                self.results.update(self._results(arrived))
-                for slot in arrived:
-                    del self.targets[slot]
+                           or self.engine.adapters[slot].step >= self.schedule[slot][0]]
+                began = time.time()
+                for slot, result in self._results(arrived).items():
+                    self.results[slot].append(result)
+                    self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
+                self.eval_seconds += time.time() - began
                 self.condition.notify_all()
+            self._print_progress()
+
+    def _print_progress(self) -> None:
+        """Every 30 s, one line of where the engine's time goes (Ray forwards it to the driver's console)."""
+        if time.time() - self.progress_at < 30:
+            return
+        self.progress_at = time.time()
+        f = self.figures()
+        print(f"[lorasweep] engine: {f['engine_steps']} steps, {f['engine_adapters_per_step']} adapters per step, "
+              f"{f['engine_step_ms']} ms per step; of {time.time() - self.started_at:.0f} s: "
+              f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating, "
+              f"{f['engine_idle_seconds']:.0f} s waiting for requests", flush=True)
 
     def _pending(self) -> list[int]:
+        """Adapters with an evaluation ahead and no evaluation waiting for their trial (at most one ahead)."""
         active = set(self.engine.active())
-        return [slot for slot, target in sorted(self.targets.items())
-                if slot in active and slot not in self.results and self.engine.adapters[slot].step < target]
+        return [slot for slot, steps in sorted(self.schedule.items())
+                if steps and slot in active and not self.results[slot]]
 
     def _results(self, slots: list[int]) -> dict[int, dict]:
         """The evaluation of every adapter that reached its target in this step, in shared forward passes."""
@@ -149,8 +198,15 @@ class EngineServer:
                 results[slot] = {"step": adapter.step, "failure": adapter.failure, "tokens": adapter.tokens_seen}
             else:
                 results[slot] = {"step": adapter.step, "eval_loss": losses[slot],
-                                 "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen}
+                                 "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen,
+                                 "snapshot": self.engine.snapshot(slot)}
         return results
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _peak_memory_mb() -> float:
@@ -181,44 +237,50 @@ def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseMode
 def train_engine_trial(tune_config: dict, training: TrainingConfig, base: BaseModelSpec, max_length: int,
                        engine_names: list[str]) -> None:
     """The Ray Tune function trainable of the engine path: a thin client of an engine."""
+    global _trials_in_process
     import ray
     from ray import tune
 
-    started = time.time()
+    _trials_in_process += 1
+    started = MODULE_IMPORTED_AT if _trials_in_process == 1 else time.time()
     spec = TrialSpec.from_tune_config(training, tune_config, base, max_length)
     t = spec.training
     trial_id = tune.get_context().get_trial_id()
-    checkpoint_files = None
+    checkpoint_files, step = None, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a lost engine or node, or a sweep resumed after a lost driver
         with checkpoint.as_directory() as directory:
             checkpoint_files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
-    engine = _register(engine_names, trial_id, t, checkpoint_files)
+        state = json.loads(checkpoint_files[TRIAL_STATE_FILE])
+        step = state["step"]
+        if step >= t.max_steps:
+            tune.report(state)  # it had finished before Tune's snapshot recorded it
+            return
+    evaluations = sorted({min(s, t.max_steps) for s in range(step + t.eval_steps, t.max_steps + t.eval_steps, t.eval_steps)})
+    engine = _register(engine_names, trial_id, t, checkpoint_files, evaluations)
+    startup_s = round(time.time() - started, 2)  # to the moment the engine trains the adapter
+    # The engine writes checkpoints straight into the trial's directory when both run on one node.
+    same_node = ray.get(engine.node_id.remote()) == _node_id()
     print(f"[lorasweep] trial path: shared-base engine, {base.precision} base on {base.device}", flush=True)
     try:
-        step = 0
-        if checkpoint_files:
-            state = json.loads(checkpoint_files[TRIAL_STATE_FILE])
-            step = state["step"]
-            if step >= t.max_steps:
-                tune.report(state)  # it had finished before Tune's snapshot recorded it
-                return
         while step < t.max_steps:
-            result = ray.get(engine.train_to.remote(trial_id, min(step + t.eval_steps, t.max_steps)))
+            result = ray.get(engine.next_result.remote(trial_id))
             step = result["step"]
             figures = ray.get(engine.figures.remote())
             report = {"evaluation": step // t.eval_steps, "step": step, "tokens": result["tokens"],
                       "wall_time_s": round(time.time() - started, 2), "peak_memory_mb": figures["engine_peak_memory_mb"],
-                      "startup_s": figures["engine_startup_s"], "trial_in_process": 1,
-                      "train_seconds": figures["engine_train_seconds"], "retry_note": ""}
+                      "startup_s": startup_s, "trial_in_process": _trials_in_process,
+                      "train_seconds": figures["engine_train_seconds"], "retry_note": "",
+                      **{key: figures[key] for key in ("engine_startup_s", "engine_steps", "engine_adapters_per_step",
+                                                       "engine_step_ms", "engine_eval_seconds", "engine_idle_seconds")}}
             if result.get("failure") or not math.isfinite(result["eval_loss"]):
                 reason = result.get("failure") or f"eval_loss is {result['eval_loss']} at step {step}"
                 tune.report({**report, "eval_loss": math.inf, "train_loss": math.nan, "failure": reason})
                 return
             report.update(eval_loss=result["eval_loss"], train_loss=result["train_loss"])
-            files = ray.get(engine.checkpoint.remote(trial_id))
             with tempfile.TemporaryDirectory(prefix="lorasweep-adapter-") as directory:
-                for name, data in files.items():
+                files = ray.get(engine.write_checkpoint.remote(trial_id, step, directory if same_node else None))
+                for name, data in (files or {}).items():
                     (Path(directory) / name).write_bytes(data)
                 (Path(directory) / TRIAL_STATE_FILE).write_text(json.dumps(report))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(directory))
@@ -226,27 +288,23 @@ def train_engine_trial(tune_config: dict, training: TrainingConfig, base: BaseMo
         engine.release.remote(trial_id)
 
 
-def _register(engine_names: list[str], trial_id: str, training: TrainingConfig, checkpoint_files):
+_trials_in_process = 0  # trials this worker process has run (Tune reuses workers): start-up counts from the import
+
+
+def _register(engine_names: list[str], trial_id: str, training: TrainingConfig, checkpoint_files,
+              evaluations: list[int]):
     """The engine with the most free slots takes the adapter; when all are full (a stopped trial's slot is being
     freed), wait a moment and ask again."""
     import ray
-
-    from trainables.engine import EngineFull
 
     engines = [ray.get_actor(name, namespace=ENGINE_NAMESPACE) for name in engine_names]
     deadline = time.time() + 600
     while True:
         free = ray.get([engine.free_slots.remote() for engine in engines])
-        order = sorted(range(len(engines)), key=lambda i: -free[i])
-        for index in order:
-            if free[index] <= 0:
-                continue
-            try:
-                ray.get(engines[index].register.remote(trial_id, training, checkpoint_files))
+        for index in sorted(range(len(engines)), key=lambda i: -free[i]):
+            if free[index] > 0 and ray.get(engines[index].register.remote(trial_id, training, checkpoint_files,
+                                                                          evaluations)) is not None:
                 return engines[index]
-            except ray.exceptions.RayTaskError as err:
-                if not isinstance(err.cause, EngineFull):
-                    raise
         if time.time() > deadline:
             raise RuntimeError(f"no engine had a free slot for trial {trial_id} in 600 s")
         time.sleep(0.2)

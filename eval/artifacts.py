@@ -20,6 +20,10 @@ TIMINGS_FILE = "timings.json"
 MERGE_CHECK_FILE = "merge_check.json"
 EVAL_DIR = "eval"
 TUNE_DIR = "tune"
+# The data files and the model an experiment was started with (sweeps/experiment.py): a resume must match them.
+INPUTS_FILE = "inputs.json"
+# Held (flock) by the run that owns the experiment directory, for the whole run.
+LOCK_FILE = ".lock"
 
 
 def generations_file(experiment_dir: Path, row_id: str) -> Path:
@@ -58,6 +62,10 @@ def directory_written_atomically(target: Path):
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    yield partial
+    try:
+        yield partial
+    except BaseException:  # a failure or a Ctrl-C midway leaves neither a half directory nor its partial
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)

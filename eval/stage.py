@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from eval.artifacts import (EVAL_DIR, MERGE_CHECK_FILE, directory_written_atomically, generations_file,
-                            write_json_atomically)
+                            write_json_atomically, write_text_atomically)
 from eval.eval_config import EvalConfig
 from eval.exact_match import exact_match_flags
 from eval.generation import generate_greedy, heldout_loss
@@ -54,7 +54,8 @@ def evaluate_candidates(base: BaseModelSpec, candidates: list[dict], test_rows: 
         generations[row_id] = [{"prompt": row["prompt"], "target": row["target"], "generation": prediction,
                                 "exact_match": flag}
                                for row, prediction, flag in zip(test_rows, scored.pop("predictions"), scored.pop("flags"))]
-        generations_file(experiment_dir, row_id).write_text("".join(json.dumps(g) + "\n" for g in generations[row_id]))
+        write_text_atomically(generations_file(experiment_dir, row_id),
+                              "".join(json.dumps(g) + "\n" for g in generations[row_id]))
         scored["seconds"] = round(time.time() - started, 2)
         results[row_id] = scored
         print(f"[lorasweep] eval {index}/{len(order)} {row_id}: exact_match={scored['exact_match']:.3f} "

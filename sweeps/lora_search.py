@@ -44,14 +44,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config, plan = resolve(args)
+        if args.dry_run:
+            print_plan(config, plan, given_keys(args.config, smoke_and_user_overrides(args)))
+            return 0
     except ConfigError as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print_plan(config, plan, given_keys(args.config, smoke_and_user_overrides(args)))
-        return 0
+    except KeyboardInterrupt:
+        print("lora_search: interrupted before anything started; run the same command again", file=sys.stderr)
+        return 130
+    from sweeps.experiment import Experiment
+
+    experiment = Experiment(config, config.experiment_dir)
     try:
-        return run(config, plan)
+        return run(config, plan, experiment)
     except (ConfigError, ModelError) as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora_search: interrupted; run the same command again to resume from {config.experiment_dir}",
               file=sys.stderr)
         return 130
+    finally:
+        experiment.release()
 
 
 def smoke_and_user_overrides(args: argparse.Namespace) -> list[str]:
@@ -92,8 +100,9 @@ def print_plan(config, plan, given: set[str]) -> None:
     print(f"experiment directory: {config.experiment_dir}")
 
 
-def run(config, plan) -> int:
-    """Check everything that can be checked without Ray, then start it."""
+def run(config, plan, experiment) -> int:
+    """Check everything that can be checked without Ray, then start it. `experiment` (sweeps/experiment.py) locks
+    the experiment directory and refuses one started with another config or other inputs."""
     import ray
 
     from sweeps.data_loading import check_and_filter, prepare_splits, read_splits
@@ -101,7 +110,7 @@ def run(config, plan) -> int:
 
     experiment_dir = config.experiment_dir
     check_output_dir(config.output.dir, experiment_dir)
-    check_same_sweep(config, experiment_dir)
+    experiment.claim()
     raw, origin = read_splits(config.data)  # file and line errors surface here, before any model work
     raw = check_and_filter(raw, origin, config.data)
     model_dir = resolve_model_dir(config.model.model_name_or_path)
@@ -123,14 +132,14 @@ def run(config, plan) -> int:
     # Tune snapshots the experiment at every checkpoint (num_to_keep=1) so that a resume loses nothing;
     # its warning about frequent snapshots is about remote storage and only adds noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:
-        return sweep_and_evaluate(config, plan, experiment_dir, model_dir, splits)
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        return sweep_and_evaluate(config, plan, experiment, model_dir, splits)
     finally:
         ray.shutdown()  # main() can be called again in the same process (tests, notebooks)
 
 
-def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, splits: dict) -> int:
+def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -> int:
     """Everything that needs Ray: resources check, the sweep, the evaluation stage, the leaderboard."""
     import ray
 
@@ -139,13 +148,13 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
     from eval.outcomes import evaluation_candidates
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
-    from sweeps.config import save_config
     from sweeps.gpu_share import choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
     from sweeps.trackers import log_generations_to_wandb
     from sweeps.tuner import build_trainable, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
     from trainables.trial_spec import BaseModelSpec
 
+    experiment_dir = experiment.dir
     model, training = config.model, config.training
     shared = config.resources.engine == "shared"
     if shared:
@@ -165,8 +174,7 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
                          bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
                          trust_remote_code=model.trust_remote_code)
 
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, experiment_dir / "config.yaml")
+    experiment.create()  # the first write: locked, config.yaml and the inputs' fingerprint
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     engines = []
     if shared:
@@ -207,10 +215,10 @@ def sweep_and_evaluate(config, plan, experiment_dir: Path, model_dir: str, split
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
     stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cuda else 0)
-    outcome = ray.get(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"]}
-                                          for c in candidates],
-                                   splits["test"], config.eval, str(experiment_dir),
-                                   hub_id_for_card(model.model_name_or_path)))
+    outcome = get_or_cancel(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"]}
+                                                for c in candidates],
+                                         splits["test"], config.eval, str(experiment_dir),
+                                         hub_id_for_card(model.model_name_or_path)))
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)
@@ -254,6 +262,19 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     return engines, trainable, [ReleaseEngineSlots(names)], gpus_each
 
 
+def get_or_cancel(ref):
+    """ray.get, and on Ctrl-C the task is cancelled (a KeyboardInterrupt inside it, so that its atomic writes remove
+    their temporary files) and given a moment to end before Ray is shut down."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref)
+        ray.wait([ref], timeout=30)
+        raise
+
+
 def check_output_dir(output_dir: str, experiment_dir: Path) -> None:
     """Fail before any work when the results could not be written, or would land where no one finds them."""
     if "://" in output_dir:
@@ -272,31 +293,6 @@ def check_output_dir(output_dir: str, experiment_dir: Path) -> None:
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as err:
         raise ConfigError(f"output.dir: {existing} is not writable ({err.strerror}); choose another output.dir") from None
-
-
-def check_same_sweep(config, experiment_dir: Path) -> None:
-    """Resuming is only safe into a sweep of the same config: refuse a different one, naming the keys."""
-    import yaml
-
-    saved_path = experiment_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    current = _flatten(config.to_dict())
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        raise ConfigError(f"{experiment_dir} holds a sweep with a different config (changed: {', '.join(changed)}); "
-                          f"set output.name=<new name> for a new sweep, or remove that directory")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and not prefix.startswith("sweep"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def print_summary(rows: list[dict], paths: dict, outcome: dict, experiment_dir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 from ray import tune
@@ -137,7 +139,7 @@ def run_sweep(plan: SweepPlan, trainable, experiment_dir: Path, name: str, track
     if can_resume(experiment_dir):
         print(f"[lorasweep] resuming the sweep in {tune_path}", flush=True)
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        return tuner.fit()
+        return fit_then_restore_signals(tuner)
     scheduler = None
     if plan.asha.enabled:
         scheduler = tune.schedulers.ASHAScheduler(time_attr="evaluation", max_t=plan.asha.max_t,
@@ -169,7 +171,31 @@ def run_sweep(plan: SweepPlan, trainable, experiment_dir: Path, name: str, track
             verbose=1,
         ),
     )
-    return tuner.fit()
+    return fit_then_restore_signals(tuner)
+
+
+def fit_then_restore_signals(tuner):
+    """Tuner.fit, with this process's own Ctrl-C handling back once it returns. Tune installs a SIGINT handler (the
+    first Ctrl-C ends the sweep with its state saved, and puts the previous handler back) and, when no Ctrl-C came,
+    leaves it installed: every Ctrl-C in the evaluation stage and the merge would then be swallowed. With the
+    handler from before (Python's default_int_handler), Ctrl-C raises KeyboardInterrupt, which the driver turns
+    into exit 130; a Ctrl-C that Tune caught raises it too, also one that came as the last trial was ending."""
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit()  # Tune installs no handlers outside the main thread
+    signals = [signal.SIGINT] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    tune_catches_sigint = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    try:
+        result = tuner.fit()
+        # Tune's handler puts the one from before back when it is called: then the sweep was interrupted.
+        interrupted = tune_catches_sigint and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            if handler is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(sig, handler)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 def trial_records(result_grid, plan: SweepPlan) -> list[dict]:

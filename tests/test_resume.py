@@ -3,6 +3,7 @@ command again, and check that the sweep resumes: finished trials are kept, not r
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,3 +90,65 @@ def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tin
     assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
     assert json.loads((experiment / "merge_check.json").read_text())["passed"]
     assert not list(experiment.glob("*.partial"))  # no half-written output left behind
+
+
+
+# When to press Ctrl-C: the first line of output that shows the phase has begun.
+CTRL_C_MOMENTS = {"sweep": " step 2: eval_loss=", "evaluation stage": "[lorasweep] evaluation stage:"}
+
+
+@pytest.mark.parametrize("phase", sorted(CTRL_C_MOMENTS))
+def test_ctrl_c_exits_130_and_the_same_command_finishes(phase, tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the sweep, where Tune catches it, and
+    after it, where Tune's handler must not swallow it: exit 130, one line saying how to resume, no half-written
+    files; the same command then finishes the run, and after the data changed it is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    args = tiny_sweep_overrides(tiny_model_dir, data, tmp_path, "ctrlc")
+    experiment = tmp_path / "ctrlc"
+    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
+                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        lines = []
+        for line in driver.stdout:
+            lines.append(line)
+            if CTRL_C_MOMENTS[phase] in line:
+                os.killpg(driver.pid, signal.SIGINT)
+                interrupted = time.time()
+                break
+        output = "".join(lines) + driver.communicate(timeout=180)[0]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        stop_ray_processes(ray_tmp)
+    assert driver.returncode == 130, output[-3000:]
+    assert time.time() - interrupted < 90  # it stopped, instead of going on to the end first
+    assert f"lora_search: interrupted; run the same command again to resume from {experiment}\n" in output
+    assert output.count("lora_search:") == 1
+    assert not (experiment / "leaderboard.json").exists() and not (experiment / "merged_model").exists()
+    assert not list(experiment.rglob("*.partial")), "half-written files left behind"
+    results_before = {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")}
+    # After the sweep both trials had ended; in it, at least the first had reported.
+    assert len(results_before) == 2 or (phase == "sweep" and results_before)
+
+    proc = run_lora_search(args, ray_tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming the sweep" in proc.stdout
+    if phase == "evaluation stage":  # the sweep had ended: no trial ran again
+        assert {p: p.read_text() for p in (experiment / "tune").glob("*/result.json")} == results_before
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    assert len([r for r in board["rows"] if r["trial_id"] != "base"]) == 2
+    assert json.loads((experiment / "merge_check.json").read_text())["passed"]
+    assert not list(experiment.rglob("*.partial"))
+
+    # The same command on replaced data would score these adapters on other prompts: refused, nothing touched.
+    test_file = data / "test.jsonl"
+    test_file.write_text("".join(test_file.read_text().splitlines(keepends=True)[2:]))
+    board_before = (experiment / "leaderboard.json").stat().st_mtime_ns
+    proc = run_lora_search(args, ray_tmp, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"lora_search: error: {experiment} was started on other inputs: data file {test_file.resolve()} changed" \
+        in proc.stderr
+    assert proc.stderr.count("lora_search:") == 1
+    assert (experiment / "leaderboard.json").stat().st_mtime_ns == board_before

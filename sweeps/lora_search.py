@@ -252,7 +252,8 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     print(f"[lorasweep] trials: {path_line}; shared-base engine: {count} engine(s) x {slots} adapter slots "
           f"(rank up to {max_rank}), {gpus_each:g} GPU each; the trials are their clients", flush=True)
     engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
-                            config.training.gradient_checkpointing, splits["train"], splits["validation"])
+                            config.training.gradient_checkpointing, splits["train"], splits["validation"],
+                            restarts=resources.max_failures)
     names = [ENGINE_NAME.format(index=i) for i in range(count)]
     trainable = tune.with_resources(
         tune.with_parameters(train_engine_trial, training=config.training, base=base,

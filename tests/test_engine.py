@@ -253,3 +253,57 @@ def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows):
     alone = {slot: engine.evaluate(slot) for slot in slots}
     assert together == pytest.approx(alone, rel=1e-5)
     assert len({round(loss, 6) for loss in together.values()}) == 3  # three different adapters, three losses
+
+
+def out_of_memory_above(engine: LoraEngine, examples_per_row: int) -> list[int]:
+    """Make the engine's forward raise CUDA's out-of-memory error whenever a row holds more than `examples_per_row`
+    examples, as a GPU too small for the step would; returns the list of rejected row sizes."""
+    rejected = []
+    forward = engine._token_losses
+
+    def limited(layout):
+        starts = layout.position_ids.flatten() == 0  # each example starts at position 0 (and so does padding)
+        per_row = max(int(starts[begin:end].sum()) for slot, begin, end in layout.segments if slot >= 0)
+        if per_row > examples_per_row:
+            rejected.append(per_row)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return forward(layout)
+
+    engine._token_losses = limited
+    return rejected
+
+
+def test_an_out_of_memory_step_is_retried_in_pieces_with_the_same_result(base, rows, capsys):
+    """No dropout (the keyed masks follow a token's position in its row, which the pieces change); accumulation,
+    neighbours with other batch sizes, and a step that must be split twice (8 rows -> 4 pieces of 2)."""
+    configs = [TrainingConfig(**{**c.__dict__, "lora_dropout": 0.0}) for c in (SUBJECT, *NEIGHBOURS[:2])]
+    reference, limited = engine_for(base, slots=3), engine_for(base, slots=3)
+    for engine in (reference, limited):
+        for config in configs:
+            engine.add(f"a{config.seed}", config, rows["train"], rows["validation"])
+    rejected = out_of_memory_above(limited, examples_per_row=2)
+    split, whole = train(limited), train(reference)
+    assert split.keys() == whole.keys()
+    for slot in whole:
+        assert split[slot] == pytest.approx(whole[slot], rel=1e-4), slot
+    assert rejected and limited.pieces == 4 and reference.pieces == 1
+    for slot in range(3):
+        assert limited.adapters[slot].step == reference.adapters[slot].step
+        assert limited.adapters[slot].tokens_seen == reference.adapters[slot].tokens_seen
+        for name, weights in subject_weights(reference, slot).items():
+            assert torch.allclose(subject_weights(limited, slot)[name], weights, atol=1e-5), name
+    assert "micro-batches now run in 4 pieces" in capsys.readouterr().out
+
+
+def test_out_of_memory_at_one_row_per_adapter_is_an_error_and_keeps_earlier_gradients(base, rows):
+    engine = engine_for(base, slots=1)
+    slot = engine.add("subject", TrainingConfig(**{**SUBJECT.__dict__, "lora_dropout": 0.0}), rows["train"],
+                      rows["validation"])
+    engine.step()  # the first micro-batch of a 2-step accumulation window: its gradients wait for the second
+    kept = [p.grad.clone() for p in engine.optimizer.params]
+    out_of_memory_above(engine, examples_per_row=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+    assert engine.pieces == SUBJECT.per_device_train_batch_size
+    assert all(torch.equal(p.grad, k) for p, k in zip(engine.optimizer.params, kept))
+    assert engine.adapters[slot].step == 0

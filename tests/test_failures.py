@@ -72,3 +72,53 @@ def test_lost_worker_node_retries_the_trial_from_its_checkpoint(tiny_model_dir, 
     board = json.loads((tmp_path / "node" / "leaderboard.json").read_text())
     trial = next(r for r in board["rows"] if r["trial_id"] != "base")
     assert trial["status"] == "completed" and trial["steps"] == 80
+
+
+def test_lost_engine_restarts_and_its_trials_go_on_from_their_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                         ray_tmp):
+    """The shared-base engine's process killed mid-sweep: Ray starts the engine again, and both trials it held
+    come back from their last checkpoints (Tune's FailureConfig) and finish on the fresh engine."""
+    import os
+    import signal
+
+    args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "engine-loss") + [
+        "resources.engine=shared", "resources.engine_slots=2", "sweep.max_concurrent_trials=2",
+        "sweep.parameters={learning_rate: {values: [3.0e-2, 2.0e-2]}}", "sweep.early_terminate={type: none}",
+        "training.max_steps=60", "training.eval_steps=4", "eval.merge=false"]
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
+                              env=ray_test_env(ray_tmp), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    results = tmp_path / "engine-loss" / "tune"
+
+    def reports() -> list[dict]:
+        return [json.loads(l) for f in results.glob("*/result.json") for l in f.read_text().splitlines()] \
+            if results.is_dir() else []
+
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None and \
+                not (len(reports()) >= 4 and all(r["step"] >= 8 for r in reports()[-2:])):
+            time.sleep(0.2)
+        assert driver.poll() is None, "the sweep ended before the engine could be lost"
+        lost_pid = reports()[-1]["engine_pid"]
+        os.kill(lost_pid, signal.SIGKILL)
+        driver.wait(timeout=240)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    out = log.read_text()
+    assert driver.returncode == 0, out[-4000:]
+    assert "trial resumes from its checkpoint at step" in out
+    by_trial = {}
+    for f in results.glob("*/result.json"):
+        by_trial[f.parent.name] = [json.loads(l) for l in f.read_text().splitlines()]
+    assert len(by_trial) == 2
+    for trial, rows in by_trial.items():
+        steps = [r["step"] for r in rows]
+        assert steps[-1] == 60, (trial, steps)
+        assert {r["engine_pid"] for r in rows[-1:]} != {lost_pid}, trial  # finished on the fresh engine
+        # Training went on from the checkpoint: after the loss, steps never went back to the start.
+        went_back = [b for a, b in zip(steps, steps[1:]) if b <= a]
+        assert not went_back or went_back[0] > 4, (trial, steps)
+    board = json.loads((tmp_path / "engine-loss" / "leaderboard.json").read_text())
+    assert all(r["status"] == "completed" and r["steps"] == 60 for r in board["rows"] if r["trial_id"] != "base")

@@ -65,6 +65,7 @@ class LoraEngine:
         self.max_rank = max_rank
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
+        self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
         self.optimizer = SlotAdamW(params, slots)
 
@@ -167,13 +168,60 @@ class LoraEngine:
         return rows
 
     def _forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
-        layout = _flat_layout(batches, self.model.device)
-        self.routing.set(list(batches), [(self.adapters[s].training.seed, self._micro_index(s)) for s in batches],
-                         self.model.device, any(self.adapters[s].training.lora_dropout for s in batches))
-        try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
-            return self._losses_and_backward(layout)
-        finally:
-            self.routing.clear()
+        """Forward and backward of every slot's micro-batch; each slot's loss (its share of its window's loss).
+        A CUDA out-of-memory error retries the step in smaller pieces: each adapter's micro-batch split into 2, 4,
+        ... parts run one after the other, their gradients summed, which is the same gradient (the loss is
+        divided by the window's completion tokens, not the piece's). The split stays for later steps. The
+        gradients of earlier micro-batches of a window are set aside meanwhile, so a failed attempt's partial
+        backward is dropped, not added to them."""
+        params = self.optimizer.params
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        while True:
+            try:
+                losses = self._pieces_forward_backward(batches)
+                break
+            except torch.OutOfMemoryError:
+                for p in params:
+                    p.grad = None
+                largest = max(len(rows) for rows in batches.values())
+                if self.pieces >= largest:  # one row per adapter and still out of memory: give up
+                    for p, grad in zip(params, earlier):
+                        p.grad = grad
+                    raise
+                self.pieces = min(2 * self.pieces, largest)
+                torch.cuda.empty_cache()
+                print(f"[lorasweep] engine: CUDA out of memory; micro-batches now run in {self.pieces} pieces "
+                      f"(the same effective batch)", flush=True)
+        for p, grad in zip(params, earlier):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad.add_(grad)
+        for slot, examples in batches.items():
+            adapter = self.adapters[slot]
+            adapter.tokens_seen += sum(len(example["input_ids"]) for example in examples)
+            if math.isfinite(losses[slot]):
+                adapter.loss_sum += losses[slot]
+                adapter.loss_steps += 1
+        self.optimizer.accumulated([slot for slot, loss in losses.items() if math.isfinite(loss)])
+        return losses
+
+    def _pieces_forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
+        losses = dict.fromkeys(batches, 0.0)
+        for piece in range(self.pieces):
+            part = {slot: rows[piece::self.pieces] for slot, rows in batches.items()}
+            part = {slot: rows for slot, rows in part.items() if rows}
+            if not part:
+                continue
+            layout = _flat_layout(part, self.model.device)
+            self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
+                             self.model.device, any(self.adapters[s].training.lora_dropout for s in part))
+            try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
+                for slot, loss in self._losses_and_backward(layout).items():
+                    losses[slot] += loss
+            finally:
+                self.routing.clear()
+        return losses
 
     def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
         token_losses = self._token_losses(layout)
@@ -181,17 +229,12 @@ class LoraEngine:
         for slot, start, end in layout.segments:
             if slot < 0:
                 continue
-            adapter = self.adapters[slot]
-            loss = token_losses[start:end].sum() / max(1, adapter.window_targets)
+            loss = token_losses[start:end].sum() / max(1, self.adapters[slot].window_targets)
             losses[slot] = float(loss.detach())
-            adapter.tokens_seen += end - start
             if math.isfinite(losses[slot]):
-                adapter.loss_sum += losses[slot]
-                adapter.loss_steps += 1
                 total = loss if total is None else total + loss
         if total is not None:
             total.backward()
-            self.optimizer.accumulated([slot for slot, loss in losses.items() if math.isfinite(loss)])
         return losses
 
     def _micro_index(self, slot: int) -> int:

@@ -19,10 +19,13 @@ import time
 # As in trainables/qlora_trial.py: a trial's start-up counts from the import of the trial code.
 MODULE_IMPORTED_AT = time.time()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from trainables.trial_spec import TRIAL_STATE_FILE, BaseModelSpec, TrainingConfig, TrialSpec  # noqa: E402
@@ -43,6 +46,7 @@ class EngineServer:
         self.engine = LoraEngine(base, slots, max_rank, gradient_checkpointing)
         self.tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)
         self.startup_s = round(time.time() - started, 2)
+        self.incarnation = uuid.uuid4().hex  # a restarted engine has a new one, and none of the old adapters
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.slots: dict[str, int] = {}  # trial id -> slot
         self.schedule: dict[int, list[int]] = {}  # slot -> the evaluation steps still to reach
@@ -56,11 +60,33 @@ class EngineServer:
         self.started_at = time.time()
         self.progress_at = time.time()
         self.condition = threading.Condition()
+        # Client calls waiting for the lock. Python's lock is not fair: the stepping loop, releasing it and taking
+        # it again at once, kept registrations and result pick-ups waiting for tens of seconds (38 s median
+        # start-up, 6 of 16 adapters per step in a SmolLM2 sweep on the H200), so the loop lets them in first.
+        self.waiting_clients = 0
+        self.waiting_lock = threading.Lock()
         threading.Thread(target=self._loop, name="engine-steps", daemon=True).start()
 
     def free_slots(self) -> int:
-        with self.condition:
+        with self._client_turn():
             return len(self.engine.free)
+
+    @contextlib.contextmanager
+    def _client_turn(self):
+        with self.waiting_lock:
+            self.waiting_clients += 1
+        try:
+            self.condition.acquire()
+        finally:
+            with self.waiting_lock:
+                self.waiting_clients -= 1
+        try:
+            yield
+        finally:
+            self.condition.release()
+
+    def incarnation_id(self) -> str:
+        return self.incarnation
 
     def node_id(self) -> str:
         return _node_id()
@@ -71,7 +97,7 @@ class EngineServer:
         `evaluations` (optimizer steps) still ahead of it; a trial seen before (a retry on the same engine) gets a
         fresh slot, the old one is dropped. None when every slot is taken: not an exception, whose class the client
         would have to import (with torch) to recognize."""
-        with self.condition:
+        with self._client_turn():
             if trial_id in self.slots:
                 self._drop(trial_id)
             if not self.engine.free:
@@ -90,7 +116,7 @@ class EngineServer:
 
     def release(self, trial_id: str) -> None:
         """The trial ended (completed, stopped by ASHA, failed): its slot is free for the next trial at once."""
-        with self.condition:
+        with self._client_turn():
             if trial_id in self.slots:
                 self._drop(trial_id)
 
@@ -104,7 +130,7 @@ class EngineServer:
     def next_result(self, trial_id: str) -> dict:
         """Block until the trial's adapter reaches its next evaluation (or fails); that evaluation. Taking it lets the
         adapter go on towards the one after."""
-        with self.condition:
+        with self._client_turn():
             slot = self.slots[trial_id]
             while not self.results.get(slot):
                 self.condition.wait()
@@ -121,7 +147,7 @@ class EngineServer:
         checkpoint) and the engine's state for it: written into `directory` when the trial runs on this node,
         else returned as file contents for Ray to carry. Outside the engine's lock: the copy off the device was
         taken at the evaluation, and writing hundreds of MB under the lock stalled every adapter's steps."""
-        with self.condition:
+        with self._client_turn():
             snapshot = self.snapshots[self.slots[trial_id]].pop(step)
         if directory is not None:
             snapshot.write(Path(directory))
@@ -134,17 +160,17 @@ class EngineServer:
 
     def figures(self) -> dict:
         """The engine's own figures: start-up, time inside steps, steps run, peak memory."""
-        with self.condition:
+        with self._client_turn():
             steps = max(1, self.steps_run)
             return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
-                    "engine_step_ms": round(1000 * self.train_seconds / steps, 1),
+                    "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
                     "engine_peak_memory_mb": round(_peak_memory_mb(), 1)}
 
     def _loop(self) -> None:
         while True:
-            with self.condition:
+            with self.condition:  # the loop's own turn
                 waited = time.time()
                 while not self._pending():
                     self.condition.wait()
@@ -166,7 +192,15 @@ class EngineServer:
                     self.results[slot].append(result)
                     self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
                 self.eval_seconds += time.time() - began
-                self.condition.notify_all()
+                if arrived:  # wake the waiting trials only when there is something for them
+                    self.condition.notify_all()
+                    # A woken trial must take the lock again to pick its result up: give it a moment (a trial
+                    # that is busy reporting picks up later; its adapter waits, at most one evaluation ahead).
+                    deadline = time.time() + 0.05
+                    while time.time() < deadline and any(self.results.get(slot) for slot in arrived):
+                        self.condition.wait(0.002)
+                while self.waiting_clients:  # let the clients queued for the lock in before the next step
+                    self.condition.wait(0.001)
             self._print_progress()
 
     def _print_progress(self) -> None:
@@ -219,15 +253,25 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_rows_kept_for_restarts: list = []  # in the driver: the engines' constructor arguments, for their restarts
+
+
 def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseModelSpec, slots: int, max_rank: int,
-                  gradient_checkpointing: bool, train_rows: list[dict], eval_rows: list[dict]) -> list:
-    """`count` named engine actors (one per GPU), their bases loaded; returns their handles."""
+                  gradient_checkpointing: bool, train_rows: list[dict], eval_rows: list[dict], restarts: int) -> list:
+    """`count` named engine actors (one per GPU), their bases loaded; returns their handles. An engine whose
+    process is lost (killed, its node gone) is started again by Ray up to `restarts` times, under the same name
+    and with an empty slot table: its trials fail with the engine, and Tune's FailureConfig retries each from its
+    last checkpoint on the fresh engine (tests/test_failures.py)."""
     import ray
 
     actor = ray.remote(EngineServer)
     rows = ray.put(train_rows), ray.put(eval_rows)
+    # Ray starts a lost engine again from the same constructor arguments: their objects must outlive this call
+    # (ray#53727: once the references are gone, the restart fails with a reference-counting error).
+    _rows_kept_for_restarts.append(rows)
     engines = [actor.options(name=ENGINE_NAME.format(index=i), namespace=ENGINE_NAMESPACE, num_gpus=gpus_each,
-                             num_cpus=cpus_each, max_concurrency=4 * slots + 8).remote(
+                             num_cpus=cpus_each, max_concurrency=4 * slots + 8,
+                             max_restarts=restarts).remote(
                                  base, slots, max_rank, gradient_checkpointing, *rows)
                for i in range(count)]
     ray.get([engine.free_slots.remote() for engine in engines])  # every base loaded before the first trial
@@ -253,26 +297,29 @@ def train_engine_trial(tune_config: dict, training: TrainingConfig, base: BaseMo
             checkpoint_files = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
         state = json.loads(checkpoint_files[TRIAL_STATE_FILE])
         step = state["step"]
+        print(f"[lorasweep] trial resumes from its checkpoint at step {step}", flush=True)
         if step >= t.max_steps:
             tune.report(state)  # it had finished before Tune's snapshot recorded it
             return
     evaluations = sorted({min(s, t.max_steps) for s in range(step + t.eval_steps, t.max_steps + t.eval_steps, t.eval_steps)})
     engine = _register(engine_names, trial_id, t, checkpoint_files, evaluations)
     startup_s = round(time.time() - started, 2)  # to the moment the engine trains the adapter
+    incarnation = ray.get(engine.incarnation_id.remote())
     # The engine writes checkpoints straight into the trial's directory when both run on one node.
     same_node = ray.get(engine.node_id.remote()) == _node_id()
     print(f"[lorasweep] trial path: shared-base engine, {base.precision} base on {base.device}", flush=True)
     try:
         while step < t.max_steps:
-            result = ray.get(engine.next_result.remote(trial_id))
+            result = _wait_for_result(engine, trial_id, incarnation)
             step = result["step"]
             figures = ray.get(engine.figures.remote())
             report = {"evaluation": step // t.eval_steps, "step": step, "tokens": result["tokens"],
                       "wall_time_s": round(time.time() - started, 2), "peak_memory_mb": figures["engine_peak_memory_mb"],
                       "startup_s": startup_s, "trial_in_process": _trials_in_process,
                       "train_seconds": figures["engine_train_seconds"], "retry_note": "",
-                      **{key: figures[key] for key in ("engine_startup_s", "engine_steps", "engine_adapters_per_step",
-                                                       "engine_step_ms", "engine_eval_seconds", "engine_idle_seconds")}}
+                      **{key: figures[key] for key in ("engine_startup_s", "engine_pid", "engine_steps",
+                                                       "engine_adapters_per_step", "engine_step_ms",
+                                                       "engine_eval_seconds", "engine_idle_seconds")}}
             if result.get("failure") or not math.isfinite(result["eval_loss"]):
                 reason = result.get("failure") or f"eval_loss is {result['eval_loss']} at step {step}"
                 tune.report({**report, "eval_loss": math.inf, "train_loss": math.nan, "failure": reason})
@@ -288,6 +335,27 @@ def train_engine_trial(tune_config: dict, training: TrainingConfig, base: BaseMo
         engine.release.remote(trial_id)
 
 
+def _wait_for_result(engine, trial_id: str, incarnation: str) -> dict:
+    """The engine's next result for the trial. A lost engine fails the trial (Tune then retries it from its last
+    checkpoint, on the engine Ray starts again). A call waiting on the lost process does not fail by itself when
+    Ray cannot start the engine again (seen on CPU: it waited for good), so every few seconds the trial checks that
+    its engine is the one it registered with."""
+    import ray
+
+    pending = engine.next_result.remote(trial_id)
+    while True:
+        done, _ = ray.wait([pending], timeout=5)
+        if done:
+            return ray.get(pending)
+        try:
+            alive = ray.get(engine.incarnation_id.remote(), timeout=60) == incarnation
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            alive = False
+        if not alive:
+            raise RuntimeError(f"the engine holding trial {trial_id}'s adapter was lost; Tune retries the trial "
+                               f"from its last checkpoint")
+
+
 _trials_in_process = 0  # trials this worker process has run (Tune reuses workers): start-up counts from the import
 
 
@@ -300,11 +368,14 @@ def _register(engine_names: list[str], trial_id: str, training: TrainingConfig, 
     engines = [ray.get_actor(name, namespace=ENGINE_NAMESPACE) for name in engine_names]
     deadline = time.time() + 600
     while True:
-        free = ray.get([engine.free_slots.remote() for engine in engines])
-        for index in sorted(range(len(engines)), key=lambda i: -free[i]):
-            if free[index] > 0 and ray.get(engines[index].register.remote(trial_id, training, checkpoint_files,
-                                                                          evaluations)) is not None:
-                return engines[index]
+        try:
+            free = ray.get([engine.free_slots.remote() for engine in engines])
+            for index in sorted(range(len(engines)), key=lambda i: -free[i]):
+                if free[index] > 0 and ray.get(engines[index].register.remote(trial_id, training, checkpoint_files,
+                                                                              evaluations)) is not None:
+                    return engines[index]
+        except ray.exceptions.RayActorError:  # an engine is being started again after a loss: ask again
+            pass
         if time.time() > deadline:
             raise RuntimeError(f"no engine had a free slot for trial {trial_id} in 600 s")
         time.sleep(0.2)

@@ -23,6 +23,10 @@ from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConf
 
 
 
+# Tokens of all adapters' rows in one evaluation pass: bf16 logits over a 49k vocabulary are ~1.6 GB at 16k.
+EVAL_TOKENS_PER_PASS = 16384
+
+
 class EngineFull(RuntimeError):
     """Every slot of the engine holds an adapter."""
 
@@ -271,6 +275,11 @@ class LoraEngine:
         count = {slot: 0 for slot in slots}
         for (_, size), group in groups.items():
             rows = self.adapters[group[0]].eval_rows
+            # Rows per pass: as many as fit a token budget (packed rows have no padding, and without gradients the
+            # logits are the memory), at least the configured batch: batches of 32 short rows made evaluation a
+            # quarter of the engine's time in an 8B sweep (BENCHMARKS.md).
+            mean_tokens = max(1, sum(len(row["input_ids"]) for row in rows) // max(1, len(rows)))
+            size = max(size, EVAL_TOKENS_PER_PASS // (mean_tokens * len(group)))
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
                 layout = _flat_layout({slot: batch for slot in group}, self.model.device)

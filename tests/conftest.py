@@ -114,6 +114,14 @@ def run_lora_search(args: list[str], ray_tmp: Path, timeout: int = 600, **popen)
                           env=ray_test_env(ray_tmp), capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def start_lora_search(args: list[str], ray_tmp: Path, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """Start the entry point as a user does, on its own throwaway local Ray instance, in a process group of its own
+    (a test can signal it as a terminal does); stderr goes with stdout, as text."""
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
+                            env=ray_test_env(ray_tmp), stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
 def run_tiny_sweep(model_dir: Path, data_dir: Path, out_dir: Path, name: str) -> tuple[Path, subprocess.CompletedProcess]:
     """Run the tiny 2-trial sweep to the end on a throwaway Ray instance; (experiment dir, the finished process)."""
     with throwaway_ray() as ray_tmp:

@@ -4,13 +4,11 @@ Each refusal: exit 2, one line naming the directory and what changed, the experi
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, tiny_sweep_overrides
+from conftest import run_lora_search, start_lora_search, tiny_sweep_overrides
 from sweeps.config import load_config
 from sweeps.experiment import Experiment, ExperimentInUse, check_same_inputs, input_fingerprint, lock_experiment_dir
 from sweeps.lora_search import main
@@ -150,9 +148,7 @@ def test_a_second_run_is_refused_while_a_real_first_run_holds_the_experiment(tin
                                                                              ray_tmp):
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "busy")
     experiment = tmp_path / "busy"
-    first = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
-                             env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    first = start_lora_search(args, ray_tmp)
     try:
         for line in first.stdout:
             if line.startswith("[lorasweep] trial ") and " started: " in line:

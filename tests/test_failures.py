@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, tiny_sweep_overrides
+from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, start_lora_search, tiny_sweep_overrides
 
 pytestmark = pytest.mark.sweep
 
@@ -86,8 +86,7 @@ def test_lost_engine_restarts_and_its_trials_go_on_from_their_checkpoints(tiny_m
         "sweep.parameters={learning_rate: {values: [3.0e-2, 2.0e-2]}}", "sweep.early_terminate={type: none}",
         "training.max_steps=60", "training.eval_steps=4", "eval.merge=false"]
     log = tmp_path / "driver.log"
-    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
-                              env=ray_test_env(ray_tmp), stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    driver = start_lora_search(args, ray_tmp, stdout=log.open("w"))
     results = tmp_path / "engine-loss" / "tune"
 
     def reports() -> list[dict]:

@@ -5,14 +5,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT, ray_test_env, run_lora_search, stop_ray_processes, tiny_sweep_overrides
+from conftest import run_lora_search, start_lora_search, stop_ray_processes, tiny_sweep_overrides
 
 pytestmark = pytest.mark.sweep
 
@@ -31,9 +29,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, 
         "eval.merge=false",
     ]
     tune_dir = tmp_path / "resume" / "tune"
-    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
-                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = start_lora_search(args, ray_tmp)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not finished_trial_dirs(tune_dir, 3) and driver.poll() is None:
@@ -67,9 +63,7 @@ def test_crash_in_the_evaluation_stage_keeps_the_sweep_and_rerun_finishes_it(tin
                                                                              ray_tmp):
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "evalcrash")
     experiment = tmp_path / "evalcrash"
-    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
-                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = start_lora_search(args, ray_tmp)
     try:
         for line in driver.stdout:
             if "[lorasweep] evaluation stage:" in line:
@@ -106,9 +100,7 @@ def test_ctrl_c_exits_130_and_the_same_command_finishes(phase, tiny_model_dir, t
     shutil.copytree(tiny_data_dir, data)
     args = tiny_sweep_overrides(tiny_model_dir, data, tmp_path, "ctrlc")
     experiment = tmp_path / "ctrlc"
-    driver = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
-                              env=ray_test_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = start_lora_search(args, ray_tmp)
     try:
         lines = []
         for line in driver.stdout:

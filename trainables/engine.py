@@ -126,7 +126,7 @@ class LoraEngine:
             adapter = self.adapters[slot]
             adapter.micro_step += 1
             if not math.isfinite(losses[slot]):
-                self._fail(slot, f"loss is {losses[slot]} at step {adapter.step + 1}")
+                self.fail(slot, f"loss is {losses[slot]} at step {adapter.step + 1}")
                 continue
             if adapter.micro_step == adapter.training.gradient_accumulation_steps:
                 due.append(slot)
@@ -136,7 +136,7 @@ class LoraEngine:
             adapter = self.adapters[slot]
             adapter.micro_step = 0
             if not math.isfinite(norms[slot]):
-                self._fail(slot, f"gradient norm is {norms[slot]} at step {adapter.step + 1}")
+                self.fail(slot, f"gradient norm is {norms[slot]} at step {adapter.step + 1}")
                 losses[slot] = math.inf
                 continue
             adapter.step += 1
@@ -146,7 +146,8 @@ class LoraEngine:
         t = adapter.training
         return t.learning_rate * lr_multiplier(t.lr_scheduler_type, adapter.step, t.max_steps, t.warmup_steps)
 
-    def _fail(self, slot: int, reason: str) -> None:
+    def fail(self, slot: int, reason: str) -> None:
+        """The adapter failed (its trial is told at its next result); its gradients are dropped."""
         self.adapters[slot].failure = reason
         self.optimizer.zero_grad([slot])
 

@@ -181,7 +181,7 @@ class EngineServer:
                     self.engine.step(pending)
                 except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
                     for slot in pending:
-                        self.engine.adapters[slot].failure = f"{type(err).__name__}: {err}"
+                        self.engine.fail(slot, f"{type(err).__name__}: {err}")
                 self.train_seconds += time.time() - began
                 self.steps_run += 1
                 self.adapter_steps += len(pending)

@@ -103,6 +103,7 @@ def test_the_engine_computes_what_peft_and_torch_adamw_compute(base, rows, tmp_p
 
     config = TrainingConfig(**{**SUBJECT.__dict__, "lora_dropout": 0.0})
     engine = engine_for(base, slots=2)
+    assert engine.head_alone  # the Llama's head runs only where a completion token is predicted
     engine.add("neighbour", NEIGHBOURS[0], rows["train"], rows["validation"])
     slot = engine.add("subject", config, rows["train"], rows["validation"])
     engine.save_adapter(slot, tmp_path / "init")
@@ -131,7 +132,9 @@ def test_the_engine_computes_what_peft_and_torch_adamw_compute(base, rows, tmp_p
             layout = _flat_layout({0: batch}, "cpu")
             # use_cache=False as the engine does: with a cache, transformers does not keep packed examples apart.
             logits = peft_model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits[0]
-            loss = torch.nn.functional.cross_entropy(logits, layout.targets, ignore_index=-100, reduction="sum") / targets
+            # Over every position (the engine computes the head only where a completion token is predicted).
+            labels = torch.full((layout.length,), -100).index_copy(0, layout.kept, layout.kept_targets)
+            loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / targets
             loss.backward()
             reference.append(float(loss.detach()))
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

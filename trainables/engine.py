@@ -66,6 +66,11 @@ class LoraEngine:
             parameter.requires_grad_(False)
         self.routing, self.modules = wrap_linear_layers(self.model, slots, max_rank)
         self.routing.exact_dropout = base.device != "cuda"
+        # The output head only where a completion token is predicted (a fifth of the positions for short labels):
+        # full logits were the largest tensors of a step (16 SmolLM2 adapters x 32 rows: 11k positions x 49k
+        # vocabulary in fp32), and the loss reads only those positions. Used where the model's logits are its head
+        # applied to its decoder's last hidden state, as checked here (models that scale or cap logits are not).
+        self.head_alone = _head_alone_gives_the_logits(self.model)
         self.max_rank = max_rank
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
@@ -88,8 +93,8 @@ class LoraEngine:
         for module_name, module in self.modules.items():
             targeted = module_name in targets
             module.set_slot(slot, training.lora_r, training.lora_alpha / training.lora_r if targeted else 0.0,
-                            training.lora_dropout,
                             kaiming_a(init, training.lora_r, module.in_features) if targeted else None)
+        self.routing.dropout[slot] = training.lora_dropout
         self.optimizer.reset_slot(slot)
         self.optimizer.zero_grad([slot])
         self.adapters[slot] = Adapter(name, training, train_rows, eval_rows, targets,
@@ -100,7 +105,8 @@ class LoraEngine:
         """Free the slot (a finished, failed or stopped trial); its adapter is gone."""
         self.adapters.pop(slot)
         for module in self.modules.values():
-            module.set_slot(slot, 0, 0.0, 0.0, None)
+            module.set_slot(slot, 0, 0.0, None)
+        self.routing.dropout[slot] = 0.0
         self.free.append(slot)
         self.free.sort()
 
@@ -229,18 +235,14 @@ class LoraEngine:
         return losses
 
     def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
-        token_losses = self._token_losses(layout)
-        total, losses = None, {}
-        for slot, start, end in layout.segments:
-            if slot < 0:
-                continue
-            loss = token_losses[start:end].sum() / max(1, self.adapters[slot].window_targets)
-            losses[slot] = float(loss.detach())
-            if math.isfinite(losses[slot]):
-                total = loss if total is None else total + loss
-        if total is not None:
-            total.backward()
-        return losses
+        slots = [slot for slot, _, _ in layout.segments if slot >= 0]  # one row each, in the layout's order
+        sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
+        divisors = torch.tensor([max(1, self.adapters[slot].window_targets) for slot in slots], device=sums.device)
+        losses = sums / divisors
+        # A non-finite loss is left out of the backward (its adapter fails); the values are read after the backward
+        # is queued, so the forward's kernels need not finish before the backward's are launched.
+        losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum().backward()
+        return dict(zip(slots, losses.detach().tolist()))
 
     def _micro_index(self, slot: int) -> int:
         adapter = self.adapters[slot]
@@ -253,9 +255,15 @@ class LoraEngine:
         # (fp32 attention kernels seen in the H200 profile). No cache: with one, transformers skips finding the
         # packed examples in position_ids, and they would attend to each other.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda):
-            logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), layout.targets, ignore_index=-100,
-                                                 reduction="none")
+            if self.head_alone:
+                hidden = self.model.get_decoder()(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                                                  use_cache=False).last_hidden_state
+                logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, layout.kept))
+            else:
+                logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                                    use_cache=False).logits.flatten(0, 1).index_select(0, layout.kept)
+        losses = torch.nn.functional.cross_entropy(logits.float(), layout.kept_targets, reduction="none")
+        return torch.zeros(layout.length, device=losses.device, dtype=losses.dtype).index_copy(0, layout.kept, losses)
 
     # -------------------------------------------------------------------------------------------- evaluation
 
@@ -289,7 +297,7 @@ class LoraEngine:
                     token_losses = self._token_losses(layout)
                 finally:
                     self.routing.clear()
-                sums = torch.stack([token_losses[begin:end].sum() for slot, begin, end in layout.segments if slot >= 0])
+                sums = token_losses.view(len(group), -1).sum(dim=1)  # a row per adapter; padding has no targets
                 targets = sum(_target_count(row) for row in batch)  # the same rows in every adapter's row
                 for slot, value in zip(group, sums.tolist()):
                     nll[slot] += value
@@ -388,7 +396,9 @@ def _target_count(row: dict) -> int:
 class _Layout:
     input_ids: torch.Tensor  # [slots, L]
     position_ids: torch.Tensor  # [slots, L], restarting at 0 for every example: examples do not attend to each other
-    targets: torch.Tensor  # [slots * L], the next token where it is a completion token, else -100
+    kept: torch.Tensor  # the flattened positions whose next token is a completion token (the loss's positions)
+    kept_targets: torch.Tensor  # that next token, per kept position
+    length: int  # slots * L
     segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
 
 
@@ -416,6 +426,32 @@ def _flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0) 
         segments.append((slot, start, start + len(ids)))
         if pad:
             segments.append((-1, start + len(ids), start + width))
+    kept = [position for position, target in enumerate(all_targets) if target != -100]
     return _Layout(torch.tensor(all_ids, device=device), torch.tensor(all_positions, device=device),
-                   torch.tensor(all_targets, device=device), segments)
+                   torch.tensor(kept, device=device, dtype=torch.long),
+                   torch.tensor([all_targets[position] for position in kept], device=device, dtype=torch.long),
+                   len(all_targets), segments)
+
+
+@torch.no_grad()
+def _head_alone_gives_the_logits(model) -> bool:
+    """Whether the model's logits are its output head applied to its decoder's last hidden state (true of Llama,
+    Qwen, Mistral and most causal LMs; not of those that scale or soft-cap their logits), tried on a few tokens."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, ValueError, NotImplementedError):
+        return False
+    if decoder is None or head is None:
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None] % model.config.get_text_config().vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.is_cuda):
+            full = model(input_ids=ids, use_cache=False).logits
+            alone = head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+    finally:
+        model.train(was_training)
+    return full.shape == alone.shape and torch.allclose(full.float(), alone.float(), rtol=1e-3, atol=1e-3)
 

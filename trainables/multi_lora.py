@@ -25,29 +25,45 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class Routing:
-    """The current step's layout, shared by every MultiLoraLinear of a model: the batch has one row per slot (its
-    micro-batch packed into that row), `index[i]` is row i's slot, and `dropout_keys` each row's dropout key (the
-    adapter's seed and its own micro-step); no key: no dropout (evaluation)."""
+    """What every MultiLoraLinear of a model shares: the slots' settings (each module's scale per slot, each slot's
+    dropout) and the current step's layout. The batch has one row per slot (its micro-batch packed into that row);
+    `index[i]` is row i's slot, and `dropout_keys` each row's dropout key (the adapter's seed and its own
+    micro-step); no key: no dropout (evaluation)."""
 
+    scales: torch.Tensor  # [modules, slots]: lora_alpha / r where the slot adapts the module, else 0
+    dropout: torch.Tensor  # [slots]
     dropout_keys: list[tuple[int, int]] | None = None
     # Keyed masks (exact beside any neighbours) or the device generator's (one kernel): see _dropout.
     exact_dropout: bool = True
-    # Per step, set once for every module: the rows' slot index, and whether any row drops out at all.
+    # Per step, set once for every module: the rows' slots (as a slice when they are consecutive, the usual case
+    # with every slot busy: the adapters are then views, not gathered copies), each module's scales for them, and
+    # whether any row drops out at all.
     index: torch.Tensor | None = None
+    rows: slice | None = None
+    step_scales: torch.Tensor | None = None  # [modules, rows, 1, 1]
     any_dropout: bool = False
 
     def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool) -> None:
         self.dropout_keys = dropout_keys
         self.index = torch.tensor(slots, device=device)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.rows = slice(slots[0], slots[0] + len(slots)) if consecutive else None
+        self.step_scales = self.pick(self.scales, dim=1)[:, :, None, None]
         self.any_dropout = any_dropout and dropout_keys is not None
 
+    def pick(self, stacked: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The step's slots of a tensor stacked by slot along `dim`: a view when they are consecutive."""
+        if self.rows is not None:
+            return stacked[self.rows] if dim == 0 else stacked[:, self.rows]
+        return stacked.index_select(dim, self.index)
+
     def clear(self) -> None:
-        self.dropout_keys, self.index, self.any_dropout = None, None, False
+        self.dropout_keys, self.index, self.rows, self.step_scales, self.any_dropout = None, None, None, None, False
 
 
 class MultiLoraLinear(nn.Module):
     """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus S LoRA slots of rank up to R. Every row's
-    LoRA term is computed by two batched matmuls over the gathered slots, whatever the number of slots: a fixed
+    LoRA term is computed by two batched matmuls over the step's slots, whatever the number of slots: a fixed
     number of kernels per layer (a loop over adapters would launch kernels per adapter, which is what keeps small
     models' steps launch-bound). Plain autograd: a hand-written backward measured slower on the H200
     (BENCHMARKS.md)."""
@@ -55,17 +71,15 @@ class MultiLoraLinear(nn.Module):
     def __init__(self, base: nn.Module, module_index: int, slots: int, max_rank: int, routing: Routing):
         super().__init__()
         self.base = base
-        self.module_index = module_index  # keys this module's dropout masks
+        self.module_index = module_index  # keys this module's dropout masks and its row of routing.scales
         self.in_features, self.out_features = base.in_features, base.out_features
         device = base.weight.device
         # fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base.
         self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, max_rank, device=device))
-        self.register_buffer("scale", torch.zeros(slots, device=device), persistent=False)
-        self.register_buffer("dropout", torch.zeros(slots, device=device), persistent=False)
         self.routing = routing
 
-    def set_slot(self, slot: int, rank: int, scale: float, dropout: float, lora_a: torch.Tensor | None) -> None:
+    def set_slot(self, slot: int, rank: int, scale: float, lora_a: torch.Tensor | None) -> None:
         """Give a slot its adapter: A's first `rank` rows (B starts at zero, as in LoRA), or scale 0 to leave this
         module untouched by the slot."""
         with torch.no_grad():
@@ -73,27 +87,28 @@ class MultiLoraLinear(nn.Module):
             self.lora_B[slot].zero_()
             if lora_a is not None:
                 self.lora_A[slot, :rank].copy_(lora_a)
-            self.scale[slot] = scale
-            self.dropout[slot] = dropout
+            self.routing.scales[self.module_index, slot] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        index = self.routing.index
-        if index is None:
+        routing = self.routing
+        if routing.index is None:
             return result
-        # The LoRA matmuls in bf16 on CUDA (as the per-process path's bf16 autocast runs them; the hidden states
-        # can be fp32 there, behind the fp32 norms of prepare_model_for_kbit_training), in fp32 on CPU; the
-        # adapters themselves stay fp32.
-        rows = x.to(torch.bfloat16 if x.is_cuda else torch.float32)  # [slots in this step, L, d_in]
-        if self.training and self.routing.any_dropout:
-            rows = self._dropout(rows, index)
-        hidden = torch.bmm(rows, self.lora_A.index_select(0, index).to(rows.dtype).transpose(1, 2))
-        # The scale rides on B, which is [slots, d_out, R], not on the [slots, L, d_out] result: a smaller product.
-        b = self.lora_B.index_select(0, index) * self.scale.index_select(0, index).view(-1, 1, 1)
-        return result + torch.bmm(hidden, b.to(rows.dtype).transpose(1, 2)).to(result.dtype)
+        if self.training and routing.any_dropout:
+            x = self._dropout(x, routing.index)
+        # Few kernels per module, since a small model's step is bound by launches: the adapters are views of the
+        # step's slots (Routing.pick), the scale rides on the [rows, L, R] product (the smallest one), and on CUDA
+        # the bf16 casts are those of the engine's autocast (as the per-process path's bf16 autocast runs the LoRA
+        # matmuls; the adapters themselves stay fp32). On CPU everything is fp32.
+        a, b = routing.pick(self.lora_A), routing.pick(self.lora_B)
+        if not x.is_cuda:
+            x = x.float()
+        hidden = torch.bmm(x, a.transpose(1, 2)) * routing.step_scales[self.module_index]
+        lora = torch.bmm(hidden, b.transpose(1, 2))
+        return result + (lora if x.is_cuda else lora.to(result.dtype))
 
     def _dropout(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        p = self.dropout.index_select(0, index).view(-1, 1, 1)
+        p = self.routing.pick(self.routing.dropout).view(-1, 1, 1)
         if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
                               for p_i, (seed, step) in zip(p.flatten().tolist(), self.routing.dropout_keys)])
@@ -147,9 +162,10 @@ def wrap_linear_layers(model: nn.Module, slots: int, max_rank: int) -> tuple[Rou
     """Replace every linear layer but the output head with a MultiLoraLinear (in place). Returns the shared
     routing and {module name: wrapper}, in the model's module order (which keys dropout and PEFT's names)."""
     output_head = model.get_output_embeddings()
-    routing = Routing()
     targets = [(name, module) for name, module in model.named_modules()
                if _is_linear(module) and module is not output_head]
+    device = targets[0][1].weight.device
+    routing = Routing(scales=torch.zeros(len(targets), slots, device=device), dropout=torch.zeros(slots, device=device))
     wrappers = {}
     for index, (name, module) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")

@@ -29,17 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 4, 16], help="adapters trained together")
     parser.add_argument("--steps", type=int, default=20, help="timed engine steps per measurement")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--dequantized-base", action="store_true",
+                        help="the engine's 4-bit base linears dequantized once to bf16 (trainables/engine.py)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    figures = measure(config, args.model, args.slots, args.steps)
+    figures = measure(config, args.model, args.slots, args.steps, args.dequantized_base)
     print(render(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
-def measure(config, model_path: str | None, slot_counts: list[int], steps: int) -> dict:
+def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
+            dequantized_base: bool = False) -> dict:
     import torch
 
     from sweeps.benchmark import prepared_data
@@ -61,13 +64,15 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
     peak = matmul_rate() if cuda else None
     results = []
     for count in slot_counts:
-        engine = LoraEngine(base, slots=count, max_rank=max_rank)
+        engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base)
         for training in adapters_of_the_space(config, plan, count):
             engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
         results.append(time_steps(engine, steps, peak, linear_parameters(engine.model)))
         del engine
         if cuda:
             torch.cuda.empty_cache()
+    if dequantized_base:
+        path += ", base dequantized once to bf16"
     return {"model": base.model_dir, "path": path, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "bf16_matmul_tflops": peak, "batch": config.training.per_device_train_batch_size,
             "date": time.strftime("%Y-%m-%d"), "runs": results}

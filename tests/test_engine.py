@@ -232,6 +232,22 @@ def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tin
     assert together.evaluate(subject) == pytest.approx(alone.evaluate(0), rel=1e-4)
 
 
+def test_a_base_dequantized_once_trains_as_the_4bit_base_does(tiny_model_dir, rows):
+    """The same NF4 numbers, dequantized once instead of in every matmul: the same losses."""
+    import bitsandbytes as bnb
+
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="4bit", device="cpu")
+    engines = [LoraEngine(base, slots=2, max_rank=MAX_RANK, dequantized_base=d) for d in (False, True)]
+    assert not any(isinstance(m.base, bnb.nn.Linear4bit) for m in engines[1].modules.values())
+    for engine in engines:
+        engine.add("n1", NEIGHBOURS[0], rows["train"], rows["validation"])
+        engine.add("subject", SUBJECT, rows["train"], rows["validation"])
+    four_bit, dequantized = (train(engine) for engine in engines)
+    for slot in (0, 1):
+        assert four_bit[slot] == pytest.approx(dequantized[slot], rel=1e-4)
+    assert engines[0].evaluate(1) == pytest.approx(engines[1].evaluate(1), rel=1e-4)
+
+
 def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys):
     from sweeps.engine_benchmark import kernel_class, main
 

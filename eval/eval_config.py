@@ -12,7 +12,9 @@ class EvalConfig:
     top_k: int = 2
     max_new_tokens: int = 12
     batch_size: int = 32
-    select_by: Literal["exact_match", "heldout_loss"] = "exact_match"
+    # What picks the winner (eval/outcomes.py): exact match, ROUGE-L or chrF (highest; eval/text_metrics.py), or
+    # held-out loss (lowest). Trials tied with the best within noise go to the lowest held-out loss.
+    select_by: Literal["exact_match", "rouge_l", "chrf", "heldout_loss"] = "exact_match"
     # Exact-match normalization, with the options of the `evaluate` exact_match metric.
     first_line_only: bool = True
     ignore_case: bool = True

@@ -32,11 +32,17 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int, progress=None) -> float:
     """Mean NLL per completion token on the rows' input_ids/completion_mask (tokenized once by the
     driver, exactly as the trials trained): the loss the trials minimize, on held-out data."""
+    return heldout_losses(model, tokenizer, rows, batch_size, progress)[0]
+
+
+def heldout_losses(model, tokenizer, rows: list[dict], batch_size: int, progress=None) -> tuple[float, list[float]]:
+    """(mean NLL per completion token over all rows, each row's own mean NLL per completion token): the second is
+    what a paired comparison of two models on the same prompts needs."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, per_row = 0.0, 0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(r["input_ids"]) for r in chunk)
@@ -49,9 +55,12 @@ def heldout_loss(model, tokenizer, rows: list[dict], batch_size: int, progress=N
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)),
-                                                shifted_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((shifted_labels != -100).sum())
+                                                shifted_labels.reshape(-1), ignore_index=-100,
+                                                reduction="none").view(shifted_labels.shape)
+        row_nll, row_tokens = nll.sum(dim=1), (shifted_labels != -100).sum(dim=1)
+        total_nll += row_nll.sum().item()
+        total_tokens += int(row_tokens.sum())
+        per_row += [n / t if t else math.nan for n, t in zip(row_nll.tolist(), row_tokens.tolist())]
         if progress is not None:
             progress.update(len(chunk))
-    return total_nll / total_tokens if total_tokens else math.nan
+    return (total_nll / total_tokens if total_tokens else math.nan), per_row

@@ -187,11 +187,11 @@ def _cost_html(exp: Experiment) -> str:
         elif finite(row.get("wall_time_s")) and is_number(gpus) and gpus > 0:
             gpu_seconds[row["trial_id"]] = row["wall_time_s"] * gpus
     max_wall = max((r["wall_time_s"] for r in rows if finite(r.get("wall_time_s"))), default=0) or 1
-    max_memory = max((r["peak_memory_mb"] for r in rows if finite(r.get("peak_memory_mb"))), default=0) or 1
-    head = ["trial_id", "status", "wall time (s)", "tokens", "tokens/s"] + (["GPU-seconds"] if gpu_seconds else []) + ["peak memory (MB)"]
+    max_memory = max((r["peak_memory_mib"] for r in rows if finite(r.get("peak_memory_mib"))), default=0) or 1
+    head = ["trial_id", "status", "wall time (s)", "tokens", "tokens/s"] + (["GPU-seconds"] if gpu_seconds else []) + ["peak memory (MiB)"]
     lines = []
     for row in rows:
-        wall, tokens, memory = row.get("wall_time_s"), row.get("tokens"), row.get("peak_memory_mb")
+        wall, tokens, memory = row.get("wall_time_s"), row.get("tokens"), row.get("peak_memory_mib")
         rate = tokens / wall if finite(tokens) and finite(wall) and wall > 0 else None
         # (sort value, cell HTML) per column
         cells = [(row["trial_id"], html.escape(row["trial_id"])), (row["status"], html.escape(short_status(row["status"]))),

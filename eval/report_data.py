@@ -18,7 +18,9 @@ from eval.leaderboard import METRIC_COLUMNS, build_rows, leaderboard_columns
 from eval.outcomes import BASE_ROW_ID, trial_record, trial_status
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
-_NON_PARAM_COLUMNS = {"rank", "trial_id", "status", "winner", *METRIC_COLUMNS}
+# peak_memory_mb: the column's name in leaderboards written before it said MiB.
+_NON_PARAM_COLUMNS = {"rank", "trial_id", "status", "winner", "tied_with_winner", "adapter_path", "peak_memory_mb",
+                      *METRIC_COLUMNS}
 # Ray names trial directories <trainable>_<trial id>_<index>_<params>_<date>; ids are 8 hex digits from a
 # searcher, or <5 hex>_<5 digits> from the grid's variant generator.
 _TRIAL_DIR_ID = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_")

@@ -12,14 +12,16 @@ from eval.artifacts import (EVAL_DIR, MERGE_CHECK_FILE, directory_written_atomic
                             write_json_atomically, write_text_atomically)
 from eval.eval_config import EvalConfig
 from eval.exact_match import exact_match_flags
-from eval.generation import generate_greedy, heldout_loss
-from eval.outcomes import BASE_ROW_ID, choose_winner
+from eval.generation import generate_greedy, heldout_losses
+from eval.outcomes import BASE_ROW_ID, select_winner, wilson_interval
+from eval.text_metrics import text_scores
 from trainables.trial_spec import RESUME_FILES, BaseModelSpec
 
 
 def evaluate_candidates(base: BaseModelSpec, candidates: list[dict], test_rows: list[dict], options: EvalConfig,
                         experiment_dir: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    """({trial_id or "base": {exact_match, heldout_loss, n, seconds}}, {the same ids: their generations}), the
+    """({trial_id or "base": {exact_match, exact_match_ci, rouge_l, chrf, heldout_loss, n, seconds}}, {the same ids:
+    their generations, with each prompt's scores}), the
     generations also written to eval/generations_<id>.jsonl. One base model is loaded; each adapter is attached
     to it in turn instead of reloading the base."""
     from peft import PeftModel
@@ -52,14 +54,16 @@ def evaluate_candidates(base: BaseModelSpec, candidates: list[dict], test_rows: 
             model.eval()
         scored = _score(model, tokenizer, test_rows, options, progress)
         generations[row_id] = [{"prompt": row["prompt"], "target": row["target"], "generation": prediction,
-                                "exact_match": flag}
-                               for row, prediction, flag in zip(test_rows, scored.pop("predictions"), scored.pop("flags"))]
+                                **{metric: values[i] for metric, values in scored["per_prompt"].items()}}
+                               for i, (row, prediction) in enumerate(zip(test_rows, scored.pop("predictions")))]
+        del scored["per_prompt"]
         write_text_atomically(generations_file(experiment_dir, row_id),
                               "".join(json.dumps(g) + "\n" for g in generations[row_id]))
         scored["seconds"] = round(time.time() - started, 2)
         results[row_id] = scored
         print(f"[lorasweep] eval {index}/{len(order)} {row_id}: exact_match={scored['exact_match']:.3f} "
-              f"heldout_loss={scored['heldout_loss']:.4f} ({scored['seconds']:.1f}s)", flush=True)
+              f"rouge_l={scored['rouge_l']:.3f} chrf={scored['chrf']:.3f} heldout_loss={scored['heldout_loss']:.4f} "
+              f"({scored['seconds']:.1f}s)", flush=True)
     progress.close()
     return results, generations
 
@@ -79,13 +83,20 @@ def progress_bar(total: int, desc: str):
 def _score(model, tokenizer, rows: list[dict], options: EvalConfig, progress=None) -> dict:
     predictions = generate_greedy(model, tokenizer, [r["prompt"] for r in rows], options.max_new_tokens,
                                   options.batch_size, progress)
-    flags = exact_match_flags(predictions, [r["target"] for r in rows], **options.normalization())
+    targets = [r["target"] for r in rows]
+    flags = exact_match_flags(predictions, targets, **options.normalization())
+    texts = text_scores([p.strip() for p in predictions], [t.strip() for t in targets])
+    loss, losses = heldout_losses(model, tokenizer, rows, options.batch_size, progress)
     return {
         "exact_match": sum(flags) / len(flags),
-        "heldout_loss": heldout_loss(model, tokenizer, rows, options.batch_size, progress),
+        "exact_match_ci": wilson_interval(sum(flags), len(flags)),
+        **{metric: score for metric, (score, _) in texts.items()},
+        "heldout_loss": loss,
         "n": len(rows),
         "predictions": predictions,
-        "flags": flags,
+        # Each prompt's scores, kept in the generations files: the paired comparisons of eval/outcomes.py use them.
+        "per_prompt": {"exact_match": flags, **{metric: each for metric, (_, each) in texts.items()},
+                       "heldout_loss": losses},
     }
 
 
@@ -133,9 +144,10 @@ def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows:
     """Score, choose, merge, check: everything after the sweep, in one process (a Ray task on a GPU node)."""
     experiment = Path(experiment_dir)
     results, generations = evaluate_candidates(base, candidates, test_rows, options, experiment)
-    winner = choose_winner(results, options.select_by)
-    outcome = {"results": results, "generations": generations, "winner": winner, "merge_check": None,
-               "merge_error": None}
+    selection = select_winner(results, generations, options.select_by)
+    winner = selection["winner"]
+    outcome = {"results": results, "generations": generations, "winner": winner, "selection": selection,
+               "merge_check": None, "merge_error": None}
     if winner is None or not options.merge:
         return outcome
     adapter_dir = next(c["checkpoint_dir"] for c in candidates if c["trial_id"] == winner)

@@ -173,6 +173,10 @@ def load_config(config_path: str | None = None, overrides: list[str] | None = No
     for override in overrides or []:
         key, value = _parse_override(override)
         _merge(merged, _nest(key, value), prefix="")
+    if any(merged["data"][f"{split}_file"] for split in ("train", "validation", "test")):
+        # The split files are what is read (sweeps/data_loading.read_splits), never dataset_name: the saved
+        # config.yaml must not name the default dataset as if it had been used.
+        merged["data"]["dataset_name"] = ""
     config = _build(LorasweepConfig, merged, prefix="")
     _check_values(config)
     return config

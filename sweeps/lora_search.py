@@ -207,8 +207,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     candidates = evaluation_candidates(trials, config.eval.top_k)
     title = f"lorasweep leaderboard: {config.output.name}"
     if not candidates:
-        write_leaderboard(build_rows(trials, {}, plan.param_names, None, config.eval.select_by), plan.param_names,
-                          experiment_dir, title)
+        write_leaderboard(build_rows(trials, {}, plan.param_names, None, config.eval.select_by, experiment_dir),
+                          plan.param_names, experiment_dir, title)
         print(f"lora_search: every trial failed; see {experiment_dir / 'leaderboard.md'}", file=sys.stderr)
         return 1
 
@@ -222,8 +222,9 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)
-    rows = build_rows(trials, outcome["results"], plan.param_names, outcome["winner"], config.eval.select_by)
-    paths = write_leaderboard(rows, plan.param_names, experiment_dir, title)
+    rows = build_rows(trials, outcome["results"], plan.param_names, outcome["selection"], config.eval.select_by,
+                      experiment_dir)
+    paths = write_leaderboard(rows, plan.param_names, experiment_dir, title, outcome["selection"], outcome["results"])
     paths["html"] = write_report(experiment_dir)
     if config.tracking.wandb:
         log_generations_to_wandb(config.tracking, config.output.name, experiment_dir, config.to_dict(),
@@ -297,12 +298,18 @@ def check_output_dir(output_dir: str, experiment_dir: Path) -> None:
 
 
 def print_summary(rows: list[dict], paths: dict, outcome: dict, experiment_dir: Path) -> None:
+    from eval.outcomes import describe_selection
+
     print("\n[lorasweep] top of the leaderboard:")
     trial_rows = [r for r in rows if r["trial_id"] != "base"]
     for row in trial_rows[:5] + [r for r in rows if r["trial_id"] == "base"]:
-        em = "" if row["exact_match"] is None else f"exact_match={row['exact_match']:.3f} "
+        em = "" if row["exact_match"] is None else (f"exact_match={row['exact_match']:.3f} [95% CI "
+                                                    f"{row['exact_match_ci_low']:.3f}-{row['exact_match_ci_high']:.3f}] ")
         loss = "" if row["best_eval_loss"] is None else f"eval_loss={row['best_eval_loss']:.4f} "
         print(f"  {row['rank'] or '-':>2} {row['trial_id']:<14} {em}{loss}{row['status']}")
+    for line in describe_selection(outcome["selection"], outcome["results"]):
+        # The warning goes to stderr, where a scripted run's log keeps it apart from the progress lines.
+        print(f"\n[lorasweep] {line}", file=sys.stderr if line.startswith("WARNING") else sys.stdout, flush=True)
     print(f"\nleaderboard:  {paths['md']}\n              {paths['csv']}\n              {paths['json']}\n"
           f"report:       {paths['html']}")
     if outcome["winner"] and (experiment_dir / "best_adapter").is_dir():

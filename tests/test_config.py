@@ -17,6 +17,19 @@ def test_layers_defaults_yaml_overrides(tmp_path):
     assert config.output.name == "x"
 
 
+def test_split_files_replace_the_dataset_name_in_the_saved_config(tmp_path):
+    """A run given data.train_file reads that file only: config.yaml must not name the default dataset as well."""
+    import yaml
+
+    from sweeps.config import save_config
+
+    config = load_config(None, [f"data.train_file={tmp_path / 'train.jsonl'}"])
+    assert config.data.dataset_name == "" and config.data.train_file == str(tmp_path / "train.jsonl")
+    save_config(config, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["dataset_name"] == ""
+    assert load_config(None, []).data.dataset_name.endswith("clinc150")  # without split files the default stays
+
+
 def test_unknown_key_names_the_closest_valid_key():
     with pytest.raises(ConfigError, match=r"unknown config key 'training.learnig_rate'.*Did you mean training.learning_rate"):
         load_config(None, ["training.learnig_rate=1e-3"])

@@ -33,7 +33,7 @@ PLAN = {"metric": "eval_loss", "mode": "min", "gpus_per_trial": 0.25,
 def _row(trial_id, rank, lora_r, learning_rate, status, loss, exact_match=None, heldout=None, winner=False):
     return {"trial_id": trial_id, "lora_r": lora_r, "learning_rate": learning_rate, "status": status,
             "best_eval_loss": loss, "heldout_loss": heldout, "exact_match": exact_match, "steps": 4, "tokens": 1000,
-            "wall_time_s": 12.5, "peak_memory_mb": 900.0, "winner": winner, "rank": rank}
+            "wall_time_s": 12.5, "peak_memory_mib": 900.0, "winner": winner, "rank": rank}
 
 
 def _minimal_experiment(root: Path) -> Path:
@@ -50,10 +50,10 @@ def _minimal_experiment(root: Path) -> Path:
         _row("aaaa0005", 5, 8, 1e-4, "stopped by ASHA at rung 0 (evaluation 1 of 2)", 3.0),
         _row("aaaa0006", 6, 16, 8e-3, "failed: FloatingPointError: eval_loss is nan at step 2", None),
         {**_row("base", None, None, None, "base model (no adapter)", None, 0.25, 2.5), "steps": 0, "tokens": 0,
-         "wall_time_s": None, "peak_memory_mb": None},
+         "wall_time_s": None, "peak_memory_mib": None},
     ]
     columns = ["rank", "trial_id", "lora_r", "learning_rate", "status", "best_eval_loss", "heldout_loss", "exact_match",
-               "steps", "tokens", "wall_time_s", "peak_memory_mb", "winner"]
+               "steps", "tokens", "wall_time_s", "peak_memory_mib", "winner"]
     (experiment / "leaderboard.json").write_text(json.dumps({"title": "lorasweep leaderboard: minimal",
                                                               "columns": columns, "rows": rows}))
     prompts = ["Query: set an alarm\nIntent:", 'Query: <script>alert("x")</script>\nIntent:']
@@ -71,7 +71,7 @@ def _tune_trial(tune_dir: Path, trial_id: str, index: int, params: dict, losses:
     trial_dir.mkdir(parents=True)
     (trial_dir / "params.json").write_text(json.dumps(params))
     lines = [{"eval_loss": loss, "evaluation": i, "step": 2 * i, "tokens": 100 * i, "wall_time_s": 5.0 * i,
-              "peak_memory_mb": 800.0, "done": done and i == len(losses), "trial_id": trial_id, "config": params}
+              "peak_memory_mib": 800.0, "done": done and i == len(losses), "trial_id": trial_id, "config": params}
              for i, loss in enumerate(losses, start=1)]
     (trial_dir / "result.json").write_text("".join(json.dumps(l) + "\n" for l in lines))
     if error:

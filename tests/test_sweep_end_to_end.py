@@ -33,7 +33,7 @@ def test_one_leaderboard_row_per_trial_plus_base(finished_sweep):
     assert winner["learning_rate"] == pytest.approx(3e-2) and winner["rank"] == 1
     for row in trial_rows:
         assert math.isfinite(row["best_eval_loss"]) and row["tokens"] > 0 and row["wall_time_s"] > 0
-        assert row["peak_memory_mb"] > 0
+        assert row["peak_memory_mib"] > 0
     assert 0.0 <= winner["exact_match"] <= 1.0 and math.isfinite(winner["heldout_loss"])
     assert 0.0 <= base_rows[0]["exact_match"] <= 1.0
     # the trained adapter fits the held-out completions better than the base model does
@@ -41,6 +41,29 @@ def test_one_leaderboard_row_per_trial_plus_base(finished_sweep):
     with (experiment / "leaderboard.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 3
     assert (experiment / "leaderboard.md").read_text().count("\n| ") == 4  # header + 3 rows
+
+
+def test_leaderboard_carries_intervals_the_selection_and_metadata(finished_sweep):
+    experiment, proc = finished_sweep
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    evaluated = [r for r in board["rows"] if r["exact_match"] is not None]
+    assert len(evaluated) == 2  # the top trial (eval.top_k=1) and the base model
+    for row in evaluated:
+        assert row["exact_match_ci_low"] <= row["exact_match"] <= row["exact_match_ci_high"]
+        assert row["exact_match_ci_high"] - row["exact_match_ci_low"] > 0.1  # 18 prompts: a wide interval
+        assert row["heldout_prompts"] == 18 and 0 <= row["rouge_l"] <= 1 and 0 <= row["chrf"] <= 1
+    for row in (r for r in board["rows"] if r["trial_id"] != "base"):
+        assert (experiment / row["adapter_path"] / "adapter_config.json").is_file()
+    selection = board["selection"]
+    assert selection["winner"] == next(r["trial_id"] for r in board["rows"] if r["winner"])
+    assert selection["tie"] is False and selection["versus_runner_up"] is None  # one trial evaluated: no runner-up
+    assert selection["versus_base"]["prompts"] == 18 and isinstance(selection["better_than_base"], bool)
+    assert board["metadata"]["config_sha256"] and board["metadata"]["versions"]["evaluate"] != "not installed"
+    markdown = (experiment / "leaderboard.md").read_text()
+    if selection["better_than_base"]:
+        assert selection["warning"] is None and "WARNING" not in proc.stderr
+    else:  # said in the leaderboard and on the console
+        assert "NOT better than the base model" in markdown and "NOT better than the base model" in proc.stderr
 
 
 def test_outputs_and_paths_are_printed(finished_sweep):

@@ -80,7 +80,7 @@ class ReportEachEvaluation(StepTimer):
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
         report = {"eval_loss": float(metrics["eval_loss"]), "evaluation": state.global_step // args.eval_steps,
                   "step": state.global_step, "startup_s": self.startup_s, "train_seconds": round(self.train_seconds, 2),
-                  "peak_memory_mb": round(peak, 1), "trial_in_process": 1}
+                  "peak_memory_mib": round(peak, 1), "trial_in_process": 1}
         with tempfile.TemporaryDirectory(prefix="baseline-adapter-") as checkpoint_dir:
             model.save_pretrained(checkpoint_dir)
             processing_class.save_pretrained(checkpoint_dir)

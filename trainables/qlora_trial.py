@@ -169,7 +169,7 @@ def _reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_memory_mb() -> float:
+def _peak_memory_mib() -> float:
     import torch
 
     if torch.cuda.is_available():
@@ -203,7 +203,7 @@ class _ReportToTune(StepTimer):
             "step": state.global_step,
             "tokens": int(state.num_input_tokens_seen),
             "wall_time_s": round(time.time() - self.started, 2),
-            "peak_memory_mb": round(_peak_memory_mb(), 1),
+            "peak_memory_mib": round(_peak_memory_mib(), 1),
             "startup_s": self.startup_s,
             "trial_in_process": _trials_in_process,  # 1 for a new worker process, more on a reused actor
             "train_seconds": round(self.train_seconds, 2),

@@ -5,26 +5,41 @@ and the CSS and JS from eval/report_assets/, inlined so that the page opens offl
 
 from __future__ import annotations
 
+import colorsys
 import html
-import importlib.metadata
 import json
 import math
-import platform
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
 from eval.artifacts import write_text_atomically
+from eval.leaderboard import SCORE_COLUMNS, format_cell, library_versions
 from eval.outcomes import BASE_ROW_ID, short_status, status_kind
 from eval.report_data import (Experiment, finite, is_number, load_experiment,
                               param_importances, searched_params, trial_rows)
 from eval.report_plots import attrs, loss_curves_svg, note, parallel_svg, scatter_svg, short
 
 REPORT_NAME = "report.html"
-LIBRARIES = ("torch", "transformers", "peft", "trl", "ray", "optuna")
-GENERATIONS_SHOWN = 20
 # Tableau 10: distinct on screen and in print; trial i keeps colour i in every plot.
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+# Held-out targets that repeat this often on average make classification data: accuracy per label is shown.
+MIN_PROMPTS_PER_LABEL = 2
+
+
+def trial_colors(trial_ids: list[str]) -> dict[str, str]:
+    """A distinct colour per trial: Tableau 10 for the first ten, then hues a golden angle apart at alternating
+    lightness, so that no two trials share a colour however many there are."""
+    colors = {}
+    for i, trial_id in enumerate(trial_ids):
+        if i < len(PALETTE):
+            colors[trial_id] = PALETTE[i]
+            continue
+        k = i - len(PALETTE)
+        hue = (k * 0.381966) % 1.0
+        red, green, blue = colorsys.hls_to_rgb(hue, (0.35, 0.5, 0.65)[k % 3], 0.65)
+        colors[trial_id] = f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+    return colors
 
 
 def write_report(experiment_dir: Path) -> Path:
@@ -39,20 +54,9 @@ def _asset(name: str) -> str:
     return (resources.files("eval") / "report_assets" / name).read_text(encoding="utf-8")
 
 
-def _library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-
 def _cell_text(column: str, value) -> str:
-    if column == "exact_match" and finite(value):
-        return f"{value:.1%}"
+    if column in SCORE_COLUMNS and finite(value):
+        return format_cell(column, value)  # the leaderboard files' unit and decimals
     if column == "winner":
         return "★" if value else ""
     return short(value)
@@ -148,7 +152,8 @@ def _generations_html(exp: Experiment) -> str:
         return note("eval/ holds no generations files.")
     head = "".join(f"<th>{html.escape(label)}<br><small>{html.escape(key)} · {_exact_match_summary(exp.generations[key])}"
                    f"</small></th>" for label, key in shown)
-    count = min(GENERATIONS_SHOWN, max(len(exp.generations[key]) for _, key in shown))
+    judged = winner or shown[0][1]  # the filter shows the prompts this model got wrong
+    count = max(len(exp.generations[key]) for _, key in shown)
     lines = []
     for index in range(count):
         reference = next(exp.generations[key][index] for _, key in shown if index < len(exp.generations[key]))
@@ -161,13 +166,45 @@ def _generations_html(exp: Experiment) -> str:
             ok = bool(entry.get("exact_match"))
             cells.append(f'<td class="{"ok" if ok else "bad"}"><b>{"✓" if ok else "✗"}</b> '
                          f'<span class="gen">{html.escape(str(entry.get("generation", "")))}</span></td>')
-        lines.append(f'<tr><td class="num">{index + 1}</td><td class="gen">{html.escape(str(reference.get("prompt", "")))}</td>'
+        judged_lines = exp.generations[judged]
+        error = index >= len(judged_lines) or not judged_lines[index].get("exact_match")
+        lines.append(f'<tr{attrs(data_error="1" if error else "0")}><td class="num">{index + 1}</td>'
+                     f'<td class="gen">{html.escape(str(reference.get("prompt", "")))}</td>'
                      f'<td class="gen">{html.escape(str(reference.get("target", "")))}</td>{"".join(cells)}</tr>')
+    errors = sum('data-error="1"' in line for line in lines)
     missing = "" if winner else note("No evaluated trial has generations: only the base model is shown.")
-    return (f'{missing}<div class="scroll"><table id="generations"><thead><tr><th>#</th><th>prompt</th><th>target</th>{head}'
-            f'</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
-            f'<p class="hint">The first {count} held-out prompts; ✓ exact match after the sweep\'s normalization. '
-            f'The header counts all prompts in each file.</p>')
+    toggle = (f'<label class="filter"><input type="checkbox" id="errors-only" data-table="generations"> errors only: '
+              f'the {errors} of {count} prompts the {"winner" if winner else "base model"} ({html.escape(judged)}) '
+              f'did not answer exactly</label>')
+    return (f'{missing}{toggle}<div class="scroll tall"><table id="generations"><thead><tr><th>#</th><th>prompt</th>'
+            f'<th>target</th>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
+            f'<p class="hint">All {count} held-out prompts; ✓ exact match after the sweep\'s normalization.</p>'
+            + _per_label_html(exp, shown))
+
+
+def _per_label_html(exp: Experiment, shown: list[tuple[str, str]]) -> str:
+    """Exact match per target label, for classification data (targets that repeat): which labels a model misses."""
+    first = exp.generations[shown[0][1]]
+    labels = sorted({str(g.get("target", "")).strip() for g in first})
+    if not first or len(first) < MIN_PROMPTS_PER_LABEL * len(labels):
+        return ""  # free-text targets: a label per prompt says nothing
+    head = "".join(f"<th>{html.escape(label)} <small>{html.escape(key)}</small></th>" for label, key in shown)
+    body = []
+    for label in labels:
+        cells = []
+        for _, key in shown:
+            entries = [g for g in exp.generations[key] if str(g.get("target", "")).strip() == label]
+            hits = sum(bool(g.get("exact_match")) for g in entries)
+            share = hits / len(entries) if entries else None
+            cells.append(f'<td class="num" data-v="{"" if share is None else f"{share:.6f}"}">'
+                         f'{"" if share is None else f"{share:.3f}"} <small>({hits}/{len(entries)})</small></td>')
+        count = sum(str(g.get("target", "")).strip() == label for g in first)
+        body.append(f'<tr><td data-v="{html.escape(label)}">{html.escape(label)}</td><td class="num" data-v="{count}">'
+                    f'{count}</td>{"".join(cells)}</tr>')
+    return (f'<h3>Exact match per label</h3><div class="scroll"><table id="per-label" class="sortable"><thead><tr>'
+            f'<th>label</th><th>prompts</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+            f'<p class="hint">Shown because the {len(first)} held-out targets take {len(labels)} values (classification '
+            f'data: at least {MIN_PROMPTS_PER_LABEL} prompts per label on average). Click a header to sort.</p>')
 
 
 def _exact_match_summary(entries: list[dict]) -> str:
@@ -245,11 +282,14 @@ def _config_html(exp: Experiment) -> str:
         parts.append(f"<h3>config.yaml</h3><pre>{html.escape(exp.config_text)}</pre>")
     if exp.search_space:
         parts.append(f"<h3>search_space.json</h3><pre>{html.escape(json.dumps(exp.search_space, indent=2))}</pre>")
-    versions = {"python": platform.python_version(), **_library_versions()}
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in versions.items())
+    metadata = exp.metadata or {}
+    versions = metadata.get("versions") or library_versions()
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in versions.items())
+    where = (f"Of the run that wrote leaderboard.json ({metadata.get('written_utc')}; config.yaml SHA-256 "
+             f"{metadata.get('config_sha256')})." if exp.metadata else
+             "Of the Python environment that wrote this report (there is no leaderboard.json with the run's own).")
     parts.append(f'<h3>Library versions</h3><table id="versions" class="kv">{rows}</table>'
-                 f'<p class="hint">Of the Python environment that wrote this report, which may differ from the '
-                 f'one that ran the sweep.</p>')
+                 f'<p class="hint">{html.escape(where)}</p>')
     return "".join(parts)
 
 
@@ -264,20 +304,29 @@ def _summary_html(exp: Experiment) -> str:
     base = next((r for r in exp.rows if r["trial_id"] == BASE_ROW_ID), None)
     if winner:
         params = ", ".join(f"{n}={short(winner.get(n))}" for n in exp.param_names)
-        text = (f"Winner: {winner['trial_id']} ({params}): exact match {_cell_text('exact_match', winner.get('exact_match'))}, "
+        text = (f"Winner: {winner['trial_id']} ({params}): exact match {_cell_text('exact_match', winner.get('exact_match'))}"
+                f"{_interval(winner)}, "
                 f"held-out loss {short(winner.get('heldout_loss'))}")
         if base:
-            text += (f"; base model: exact match {_cell_text('exact_match', base.get('exact_match'))}, "
+            text += (f"; base model: exact match {_cell_text('exact_match', base.get('exact_match'))}{_interval(base)}, "
                      f"held-out loss {short(base.get('heldout_loss'))}")
         lines.append(f'<p class="winner-line">★ {html.escape(text)}.</p>')
+        for sentence in exp.selection_notes:  # eval/outcomes.py's words: the tie test and any warning
+            css = "warn loud" if sentence.startswith("WARNING") else "hint"
+            lines.append(f'<p class="{css}">{html.escape(sentence)}</p>')
     else:
         lines.append(note("No winner: the evaluation stage has not picked one."))
     return "".join(lines)
 
 
+def _interval(row: dict) -> str:
+    low, high = row.get("exact_match_ci_low"), row.get("exact_match_ci_high")
+    return f" (95% CI {low:.3f}-{high:.3f})" if finite(low) and finite(high) else ""
+
+
 def render_report(exp: Experiment) -> str:
     """The whole page as one HTML string."""
-    colors = {row["trial_id"]: PALETTE[i % len(PALETTE)] for i, row in enumerate(trial_rows(exp))}
+    colors = trial_colors([row["trial_id"] for row in trial_rows(exp)])
     if exp.curves is None:
         curves = note("No tune/ directory (not copied, or the sweep never started): no eval-loss curves.")
     else:

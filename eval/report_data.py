@@ -47,6 +47,8 @@ class Experiment:
     merge_check: dict | None
     mode: str  # "min" or "max": how the plan compares eval losses
     gpus_per_trial: float | None  # the GPU share the trials got (plan.json), None when not recorded
+    selection_notes: list[str]  # eval/outcomes.py's sentences on the winner (leaderboard.json); [] without
+    metadata: dict | None  # versions, date and config hash of the run (leaderboard.json), None without
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -90,6 +92,7 @@ def load_experiment(experiment_dir: Path) -> Experiment:
         curves=None if tune_trials is None else {tid: t["results"] for tid, t in tune_trials.items()},
         generations=generations, merge_check=read_json(experiment_dir / MERGE_CHECK_FILE),
         mode=plan.get("mode", "min"), gpus_per_trial=gpus if is_number(gpus) else None,
+        selection_notes=list((board or {}).get("selection_notes") or []), metadata=(board or {}).get("metadata"),
     )
 
 

@@ -68,6 +68,9 @@ class _Scale:
         if self.kind == "log":
             values = [m * 10.0**e for e in range(math.floor(self.lo), math.ceil(self.hi) + 1) for m in (1, 2, 5)]
             values = [v for v in values if self.lo - 1e-9 <= math.log10(v) <= self.hi + 1e-9]
+            if len(values) < 3:  # less than a decade: every integer multiple
+                values = [m * 10.0**e for e in range(math.floor(self.lo), math.ceil(self.hi) + 1) for m in range(1, 10)]
+                values = [v for v in values if self.lo - 1e-9 <= math.log10(v) <= self.hi + 1e-9]
             if len(values) > 8:  # many decades: label the powers of ten only
                 values = [v for v in values if math.isclose(math.log10(v), round(math.log10(v)))]
             return [(self(v), f"{v:.3g}") for v in values]
@@ -109,7 +112,8 @@ def _cross(x: float, y: float, size: float = 5) -> str:
 
 
 def loss_curves_svg(exp: Experiment, colors: dict[str, str]) -> str:
-    """Eval loss against step for every trial on one plot; a cross where a trial stopped early or failed."""
+    """Eval loss against step for every trial on one plot, the loss on a log axis (contenders that differ near 0 stay
+    apart); a cross where a trial stopped early or failed."""
     series = {}
     for row in trial_rows(exp):
         points = [(r["step"], r["eval_loss"]) for r in (exp.curves or {}).get(row["trial_id"], [])
@@ -122,9 +126,10 @@ def loss_curves_svg(exp: Experiment, colors: dict[str, str]) -> str:
     steps = [s for _, points in series.values() for s, _ in points]
     losses = [l for _, points in series.values() for _, l in points]
     xs = _Scale("linear", steps, 64, width - 20, bounds=(0, max(steps) or 1))
-    ys = _Scale("linear", losses, height - 46, 14)
+    log = all(loss > 0 for loss in losses)  # a cross-entropy is; anything else is drawn as it is
+    ys = _Scale("log" if log else "linear", losses, height - 46, 14)
     parts = [_svg_open(width, height, "loss-curves", "eval loss against training step, one line per trial")]
-    parts += _frame(xs, ys, "training step", "eval loss")
+    parts += _frame(xs, ys, "training step", "eval loss (log scale)" if log else "eval loss")
     for trial_id, (row, points) in series.items():
         color = colors[trial_id]
         coords = [(xs(s), ys(l)) for s, l in points]

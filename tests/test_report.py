@@ -135,6 +135,8 @@ def test_interrupted_sweep_rows_come_from_tune_results(tmp_path):
     page = write_report(experiment).read_text()
     assert "No leaderboard.json" in page and "No eval/ directory" in page
     assert page.count('class="stop-mark"') == 1  # the ASHA-stopped trial; the unfinished one is not marked
+    assert "eval loss (log scale)" in page  # losses 1.0-3.0 on a log axis: ticks at 1, 2 and 3
+    assert all(f'class="tick">{v}</text>' in page for v in ("1", "2", "3"))
 
 
 def test_cost_table_uses_the_gpu_share_the_trials_got_not_the_configs_auto(tmp_path):
@@ -147,6 +149,58 @@ def test_cost_table_uses_the_gpu_share_the_trials_got_not_the_configs_auto(tmp_p
     assert cost.count('<td data-v="3.125">3.125</td>') == 6  # 12.5 s of wall time x 0.25 GPU, every trial
     (experiment / "plan.json").unlink()  # an experiment without the plan: nothing is made up
     assert "GPU-seconds were not recorded" in write_report(experiment).read_text()
+
+
+def test_report_states_the_selection_and_warns_when_the_winner_is_no_better_than_the_base(tmp_path):
+    experiment = _minimal_experiment(tmp_path)
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    board["rows"][0].update(exact_match_ci_low=0.2, exact_match_ci_high=0.95)
+    board["selection_notes"] = ["WARNING: the winner aaaa0001 is NOT better than the base model on exact_match.",
+                                "Winner aaaa0001 against runner-up aaaa0002 on exact_match: a tie within noise."]
+    board["metadata"] = {"written_utc": "2026-12-02T00:00:00+00:00", "config_sha256": "ab" * 32,
+                         "versions": {"python": "3.11.9", "torch": "9.9.9"}}
+    (experiment / "leaderboard.json").write_text(json.dumps(board))
+    page = write_report(experiment).read_text()
+    summary = page[page.index('id="summary"'):page.index('id="leaderboard"')]
+    assert '<p class="warn loud">WARNING: the winner aaaa0001 is NOT better than the base model' in summary
+    assert "a tie within noise" in summary
+    assert "exact match 0.750 (95% CI 0.200-0.950)" in summary  # one unit: the leaderboard's fraction
+    assert "%" not in page[page.index('id="leaderboard"'):page.index('id="curves"')]
+    assert "<td>9.9.9</td>" in page and "ab" * 32 in page  # the run's versions and config hash, not this process's
+
+
+def test_every_generation_is_shown_with_an_errors_only_filter_and_accuracy_per_label(tmp_path):
+    experiment = _minimal_experiment(tmp_path)
+    labels = ["alarm", "balance", "timer"]
+    for key, wrong in (("base", set(range(30))), ("aaaa0001", {3, 4, 5}), ("aaaa0002", {0, 1, 2, 3})):
+        lines = [{"prompt": f"Query: q{i}\nIntent:", "target": labels[i % 3],
+                  "generation": "nope" if i in wrong else labels[i % 3], "exact_match": i not in wrong}
+                 for i in range(30)]
+        (experiment / "eval" / f"generations_{key}.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    page = write_report(experiment).read_text()
+    table = page[page.index('<table id="generations"'):page.index("</table>", page.index('<table id="generations"'))]
+    assert table.count("<tr data-error=") == 30  # every prompt, not the first 20
+    assert table.count('<tr data-error="1">') == 3  # the winner's misses: prompts 3, 4 and 5
+    assert 'id="errors-only" data-table="generations"' in page and "the 3 of 30 prompts the winner" in page
+    per_label = page[page.index('id="per-label"'):page.index("</table>", page.index('id="per-label"'))]
+    rows = re.findall(r'<tr><td data-v="(\w+)">\w+</td><td class="num" data-v="10">10</td>(.*?)</tr>', per_label)
+    cells = {label: re.findall(r"\((\d+)/10\)", row) for label, row in rows}
+    # base, winner, runner-up: the winner missed prompts 3, 4, 5 (one per label), the runner-up 0-3 (alarm twice)
+    assert cells == {"alarm": ["0", "9", "8"], "balance": ["0", "9", "9"], "timer": ["0", "9", "9"]}
+    assert '<td class="num" data-v="0.800000">0.800 <small>(8/10)</small></td>' in per_label
+    # free-text targets (one per prompt): no per-label table
+    for key in ("base", "aaaa0001", "aaaa0002"):
+        lines = [{"prompt": f"p{i}", "target": f"answer {i}", "generation": "x", "exact_match": False} for i in range(6)]
+        (experiment / "eval" / f"generations_{key}.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    assert 'id="per-label"' not in write_report(experiment).read_text()
+
+
+def test_every_trial_gets_its_own_colour():
+    from eval.report import PALETTE, trial_colors
+
+    colors = trial_colors([f"t{i}" for i in range(40)])
+    assert len(set(colors.values())) == 40 and list(colors.values())[:10] == PALETTE
+    assert all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in colors.values())
 
 
 def test_cli_refuses_a_directory_that_is_not_an_experiment(tmp_path):

@@ -29,4 +29,10 @@ document.addEventListener('mouseover', function (event) {
     document.querySelectorAll('[data-trial="' + CSS.escape(trial) + '"]').forEach(function (e) { e.classList.add('hl'); });
   }
 });
+// "errors only": hides the held-out prompts that the judged model answered exactly.
+document.querySelectorAll('input[data-table]').forEach(function (box) {
+  box.addEventListener('change', function () {
+    document.getElementById(box.dataset.table).classList.toggle('errors-only', box.checked);
+  });
+});
 document.documentElement.dataset.jsReady = 'true';  // the script ran to its end (checked headlessly)

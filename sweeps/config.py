@@ -9,7 +9,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -138,7 +137,8 @@ class TrackingConfig:
     # Credentials go in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, never in the URI.
     mlflow_tracking_uri: str = ""
     # The Optuna study (named output.name) in a database that optuna-dashboard opens: "" keeps it in memory,
-    # "default" is sqlite:///<experiment>/optuna.db, or an SQLAlchemy URL (password from PGPASSWORD, not the URL).
+    # "default" is sqlite:///<experiment>/optuna.db, or an SQLAlchemy URL (user and password from PGUSER and
+    # PGPASSWORD, not the URL).
     optuna_storage: str = ""
 
 
@@ -167,10 +167,15 @@ _MAPPING_KEYS = {"sweep.metric", "sweep.early_terminate", "sweep.parameters"}
 
 def load_config(config_path: str | None = None, overrides: list[str] | None = None) -> LorasweepConfig:
     """Defaults, then the YAML file, then `a.b=value` overrides; fails on unknown keys and wrong types."""
+    from sweeps import secrets_check  # here: it imports ConfigError from this module
+
     merged = LorasweepConfig().to_dict()
     if config_path:
-        _merge(merged, _read_yaml(config_path), prefix="")
+        loaded = _read_yaml(config_path)
+        secrets_check.check_tree(loaded, source=config_path)  # before any message could repeat a value
+        _merge(merged, loaded, prefix="")
     for override in overrides or []:
+        secrets_check.check_argument(override)
         key, value = _parse_override(override)
         _merge(merged, _nest(key, value), prefix="")
     if any(merged["data"][f"{split}_file"] for split in ("train", "validation", "test")):
@@ -259,7 +264,8 @@ def _check_values(config: LorasweepConfig) -> None:
 
 
 def _check_tracking(config: LorasweepConfig) -> None:
-    """Tracker URLs hold no passwords (config.yaml is saved), and the Optuna study needs an Optuna searcher."""
+    """Tracker URLs are URLs (their credentials are refused with every other secret, by sweeps/secrets_check.py),
+    and the Optuna study needs an Optuna searcher."""
     tracking = config.tracking
     if tracking.wandb and not tracking.wandb_project:
         raise ConfigError("tracking.wandb_project: must not be empty when tracking.wandb=true")
@@ -271,15 +277,10 @@ def _check_tracking(config: LorasweepConfig) -> None:
     storage = tracking.optuna_storage
     if storage not in ("", "default") and "://" not in storage:
         raise ConfigError(f"tracking.optuna_storage: {storage!r} is not a database URL; give '' (off), 'default' "
-                          f"(sqlite:///<experiment>/optuna.db) or a URL such as postgresql://user@host/db")
+                          f"(sqlite:///<experiment>/optuna.db) or a URL such as postgresql://host/db")
     if storage and config.sweep.method == "grid":
         raise ConfigError("tracking.optuna_storage: sweep.method=grid runs without Optuna, so there is no study to "
                           "store; use sweep.method=bayes or random, or set tracking.optuna_storage=''")
-    for key, url, where in (("mlflow_tracking_uri", mlflow_uri, "MLFLOW_TRACKING_PASSWORD"),
-                            ("optuna_storage", storage, "the database driver's own, e.g. PGPASSWORD or ~/.pgpass")):
-        if urlsplit(url).password:
-            raise ConfigError(f"tracking.{key}: the URL holds a password, which would be saved in config.yaml; "
-                              f"remove it and give it through the environment ({where})")
 
 
 def check_tracker_packages(tracking: TrackingConfig) -> None:

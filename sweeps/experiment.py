@@ -9,8 +9,15 @@ import hashlib
 import os
 from pathlib import Path
 
-from eval.artifacts import CONFIG_FILE, INPUTS_FILE, LOCK_FILE, read_json, write_json_atomically
+from eval.artifacts import CONFIG_FILE, INPUTS_FILE, LOCK_FILE, PLAN_FILE, read_json, write_json_atomically
 from sweeps.config import ConfigError, save_config
+
+# Keys a rerun may change and still resume, because they do not change what the trials compute: where and how fast
+# trials run (resources.*), and the experiment directory's own name (output.*). Not resources.engine: it picks the
+# training code and the format of the trials' checkpoints. A change of device that changes the base's precision
+# (resources.gpus_per_trial=0 on a GPU cluster) is refused by Experiment.create, which knows the precision.
+RESULT_NEUTRAL_PREFIXES = ("resources.", "output.")
+RESULT_CHANGING = {"resources.engine"}
 
 # Files up to this size are fingerprinted by their content (a copy or a `touch` is not a change); larger ones by
 # size and modification time, so that a resume never waits on hashing gigabytes of weights.
@@ -41,13 +48,21 @@ class Experiment:
             self._lock()
             self._check_same_experiment()
 
-    def create(self) -> None:
+    def check(self) -> None:
+        """What claim() checks, without the lock and without writing (for --dry-run): a run of this config would
+        be refused as a different config or on other inputs."""
+        self.inputs = input_fingerprint(self.config)
+        self._check_same_experiment()
+
+    def create(self, precision: str) -> None:
         """Make the directory this run's experiment: locked, checked once more under the lock (another run may have
-        started it meanwhile), the config saved and, for a new experiment, the fingerprint of its inputs."""
+        started it meanwhile), the config saved and, for a new experiment, the fingerprint of its inputs.
+        `precision`: the base's precision the trials will train in, which a resume must keep."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if self._lock_fd is None:
             self._lock()
             self._check_same_experiment()
+        check_same_precision(precision, self.dir)
         save_config(self.config, self.dir / CONFIG_FILE)
         if not (self.dir / INPUTS_FILE).is_file():
             write_json_atomically(self.dir / INPUTS_FILE, self.inputs)
@@ -83,7 +98,7 @@ def lock_experiment_dir(experiment_dir: Path) -> int:
 
 
 def check_same_sweep(config, experiment_dir: Path) -> None:
-    """Resuming is only safe into a sweep of the same config: refuse a different one, naming the keys."""
+    """Resuming is only safe into a sweep of the same config: refuse one that changes results, naming the keys."""
     import yaml
 
     saved_path = experiment_dir / CONFIG_FILE
@@ -91,10 +106,27 @@ def check_same_sweep(config, experiment_dir: Path) -> None:
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     current = _flatten(config.to_dict())
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and changes_results(k))
     if changed:
         raise ConfigError(f"{experiment_dir} holds a sweep with a different config (changed: {', '.join(changed)}); "
                           f"set output.name=<new name> for a new sweep, or remove that directory")
+
+
+def changes_results(key: str) -> bool:
+    """Whether a dotted config key changes what the trials compute (a rerun that changes it cannot resume)."""
+    return key in RESULT_CHANGING or not key.startswith(RESULT_NEUTRAL_PREFIXES)
+
+
+def check_same_precision(precision: str, experiment_dir: Path) -> None:
+    """The trials of an experiment train in one precision: a resume whose trials would get no GPU where they had
+    one (or the reverse) would continue 4-bit checkpoints on a bf16 base. Refuse it, naming the keys to set."""
+    saved = read_json(experiment_dir / PLAN_FILE)
+    before = saved.get("precision") if isinstance(saved, dict) else None
+    if before and before != precision:
+        raise ConfigError(f"{experiment_dir} was trained on a {before} base and this run would train on a {precision} "
+                          f"one (the trials' device changed: resources.gpus_per_trial, or the cluster's GPUs); "
+                          f"resume it where the trials get the same device, or set output.name=<new name> for a "
+                          f"new sweep")
 
 
 def check_same_inputs(inputs: dict, experiment_dir: Path) -> None:

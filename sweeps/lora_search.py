@@ -1,6 +1,6 @@
 """Run a QLoRA hyperparameter sweep end to end: trials -> held-out evaluation -> merge -> leaderboard.
 
-    python sweeps/lora_search.py [--config FILE] [key=value ...] [--dry-run] [--smoke-test]
+    python sweeps/lora_search.py [--config FILE] [key=value ...] [--dry-run] [--smoke-test] [key=value ...]
     ray job submit --working-dir . -- python sweeps/lora_search.py [--config FILE] [key=value ...]
 
 Running the same command again after an interruption resumes the sweep in the same experiment directory.
@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.config import PROJECT_ROOT, ConfigError, check_tracker_packages, given_keys, load_config  # noqa: E402
+from sweeps.secrets_check import check_argument  # noqa: E402
 from trainables.model_loading import ModelError  # noqa: E402
 
 SMOKE_OVERRIDES = [
@@ -29,6 +30,9 @@ SMOKE_OVERRIDES = [
     "data.max_validation_rows=12", "data.max_test_rows=12", "eval.top_k=1",
     "eval.merge_check_prompts=8",
 ]
+# --smoke-test runs in <output.name>-smoke: its tiny study is another config, which would otherwise make the main
+# command refuse the experiment directory afterwards.
+SMOKE_SUFFIX = "-smoke"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,18 +40,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (sections: model, data, training, sweep, resources, eval, output)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20 sweep.run_cap=8")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and search space; start nothing")
-    parser.add_argument("--smoke-test", action="store_true", help="a tiny study (2 trials, 4 steps, 3 labels)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke-test", action="store_true",
+                        help=f"a tiny study (2 trials, 4 steps, 3 labels) in <output.name>{SMOKE_SUFFIX}")
+    # Overrides may come before, between and after the flags (`a=1 --smoke-test b=2`).
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        for argument in argv:  # before argparse, whose errors repeat the arguments they cannot parse
+            check_argument(argument)
+        args = parse_args(argv)
         config, plan = resolve(args)
         if args.dry_run:
+            check_cheaply(config, plan)
             print_plan(config, plan, given_keys(args.config, smoke_and_user_overrides(args)))
             return 0
-    except ConfigError as err:
+    except (ConfigError, ModelError) as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -78,8 +88,27 @@ def resolve(args: argparse.Namespace):
     from sweeps.search_space import plan_sweep
 
     config = load_config(args.config, smoke_and_user_overrides(args))
+    if args.smoke_test:
+        config.output.name += SMOKE_SUFFIX
     check_tracker_packages(config.tracking)
     return config, plan_sweep(config.sweep, config.training)
+
+
+def check_cheaply(config, plan) -> None:
+    """For --dry-run: every check run() makes before the sweep that costs no more than reading the inputs; not
+    the GGUF conversion, the tokenized lengths or the cluster's resources. Nothing is locked or written."""
+    from sweeps.data_loading import check_and_filter, read_splits
+    from sweeps.experiment import Experiment
+    from trainables.model_loading import check_target_modules, locate_model
+
+    check_output_dir(config.output.dir, config.experiment_dir)
+    Experiment(config, config.experiment_dir).check()
+    raw, origin = read_splits(config.data)
+    check_and_filter(raw, origin, config.data)
+    source = locate_model(config.model.model_name_or_path)
+    if not source.endswith(".gguf"):  # a GGUF's modules are known once it is converted
+        check_target_modules(source, set(plan.values("lora_target_modules", config.training.lora_target_modules)),
+                             config.model.trust_remote_code)
 
 
 def print_plan(config, plan, given: set[str]) -> None:
@@ -174,7 +203,7 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
                          bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
                          trust_remote_code=model.trust_remote_code)
 
-    experiment.create()  # the first write: locked, config.yaml and the inputs' fingerprint
+    experiment.create(precision)  # the first write: locked, config.yaml and the inputs' fingerprint
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     engines = []
     if shared:

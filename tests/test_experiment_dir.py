@@ -10,6 +10,8 @@ import pytest
 
 from conftest import run_lora_search, start_lora_search, tiny_sweep_overrides
 from sweeps.config import load_config
+from eval.artifacts import PLAN_FILE, write_json_atomically
+from sweeps.config import ConfigError
 from sweeps.experiment import Experiment, ExperimentInUse, check_same_inputs, input_fingerprint, lock_experiment_dir
 from sweeps.lora_search import main
 
@@ -36,9 +38,10 @@ def start_experiment(args: list[str]) -> Path:
     config = load_config(None, args)
     experiment = Experiment(config, config.experiment_dir)
     experiment.claim()
-    experiment.create()
+    experiment.create("bf16")
     experiment.release()
     (config.experiment_dir / "tune").mkdir()  # as if a sweep had run in it
+    write_json_atomically(config.experiment_dir / PLAN_FILE, {"precision": "bf16"})  # as the run writes it
     return config.experiment_dir
 
 
@@ -81,7 +84,7 @@ def test_a_run_that_finds_the_experiment_taken_when_it_creates_it_writes_nothing
     first = lock_experiment_dir(config.experiment_dir)
     try:
         with pytest.raises(ExperimentInUse, match="another lorasweep run holds it"):
-            second.create()
+            second.create("bf16")
         assert sorted(p.name for p in config.experiment_dir.iterdir()) == [".lock"]
     finally:
         os.close(first)
@@ -123,6 +126,44 @@ def test_changed_config_is_refused_naming_the_keys(inputs, tmp_path, capsys, mon
     before = tree_state(experiment)
     err = refused(args + ["training.max_steps=40"], capsys, monkeypatch)
     assert f"{experiment} holds a sweep with a different config (changed: training.max_steps)" in err
+    assert tree_state(experiment) == before
+
+
+def test_a_rerun_that_changes_only_what_does_not_change_results_resumes(inputs, tmp_path, capsys, monkeypatch):
+    """resources.* (but resources.engine) and the spelling of output.dir may change; the saved config follows."""
+    args = overrides(*inputs, tmp_path / "runs")
+    experiment = start_experiment(args)
+    monkeypatch.chdir(tmp_path)
+    rerun = [*args[:2], "output.dir=runs", "output.name=exp",  # the same directory, spelled relative
+             "resources.cpus_per_trial=2", "resources.eval_cpus=1", "resources.max_failures=5",
+             "resources.reuse_actors=false", "resources.gpus_per_trial=0.5", "resources.engine_slots=3"]
+    config = load_config(None, rerun)
+    assert config.experiment_dir == experiment
+    resumed = Experiment(config, experiment)
+    resumed.claim()
+    resumed.create("bf16")
+    resumed.release()
+    assert "cpus_per_trial: 2.0" in (experiment / "config.yaml").read_text()
+
+    err = refused(rerun + ["resources.engine=shared"], capsys, monkeypatch)  # another trial code and checkpoint format
+    assert "holds a sweep with a different config (changed: resources.engine)" in err
+
+
+def test_a_resume_whose_trials_would_train_in_another_precision_is_refused(inputs, tmp_path):
+    """resources.gpus_per_trial=0 on a GPU cluster (or a resume on a cluster without GPUs) would continue 4-bit
+    checkpoints on a bf16 base: refused where the precision is known, before anything is written."""
+    args = overrides(*inputs, tmp_path / "runs")
+    experiment = start_experiment(args)
+    write_json_atomically(experiment / PLAN_FILE, {"precision": "4bit"})
+    before = tree_state(experiment)
+    resumed = Experiment(load_config(None, args + ["resources.gpus_per_trial=0"]), experiment)
+    resumed.claim()
+    try:
+        with pytest.raises(ConfigError, match=f"{experiment} was trained on a 4bit base and this run would train "
+                                              f"on a bf16 one"):
+            resumed.create("bf16")
+    finally:
+        resumed.release()
     assert tree_state(experiment) == before
 
 

@@ -44,13 +44,20 @@ def bundled_gguf_path(name: str) -> Path:
 def resolve_model_dir(model_name_or_path: str) -> str:
     """A directory or hub id that `from_pretrained` loads quickly; a GGUF is converted and cached first.
     Fails with ModelError when the path or id does not exist or the GGUF cannot be loaded."""
+    source = locate_model(model_name_or_path)
+    return str(convert_gguf_once(Path(source))) if source.endswith(".gguf") else source
+
+
+def locate_model(model_name_or_path: str) -> str:
+    """The GGUF file, local directory or hub id the base comes from, checked without loading or converting it
+    (cheap enough for --dry-run); ModelError when it does not exist."""
     if model_name_or_path.startswith(BUNDLED_PREFIX):
-        return str(convert_gguf_once(bundled_gguf_path(model_name_or_path[len(BUNDLED_PREFIX):])))
+        return str(bundled_gguf_path(model_name_or_path[len(BUNDLED_PREFIX):]))
     path = Path(model_name_or_path).expanduser()
     if model_name_or_path.endswith(".gguf"):
         if not path.is_file():
             raise ModelError(f"model.model_name_or_path: GGUF file {model_name_or_path!r} does not exist")
-        return str(convert_gguf_once(path.resolve()))
+        return str(path.resolve())
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} has no config.json; expected a "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,9 @@ from trainables.trial_spec import TrainingConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET_DIR = PROJECT_ROOT / "sweeps" / "data" / "clinc150"
+# The fewest rows per split that make a study mean something (README, "Bad input"): below them ASHA compares
+# noise, and one held-out prompt moves exact match by more than 10 points.
+MIN_SPLIT_ROWS = {"train": 16, "validation": 8, "test": 10}
 
 
 class ConfigError(Exception):
@@ -230,6 +235,7 @@ def _check_values(config: LorasweepConfig) -> None:
         "sweep.max_concurrent_trials": s.max_concurrent_trials,
         "resources.cpus_per_trial": r.cpus_per_trial,
         "resources.max_trials_per_gpu": r.max_trials_per_gpu,
+        "resources.eval_cpus": r.eval_cpus,
         "eval.top_k": e.top_k,
         "eval.batch_size": e.batch_size,
         "eval.max_new_tokens": e.max_new_tokens,
@@ -237,6 +243,17 @@ def _check_values(config: LorasweepConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
+    not_negative = {
+        "training.warmup_steps": t.warmup_steps,
+        "training.weight_decay": t.weight_decay,
+        "resources.max_failures": r.max_failures,
+        "eval.merge_check_prompts": e.merge_check_prompts,
+        "eval.merge_check_tolerance": e.merge_check_tolerance,
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value!r}")
+    _check_data(config.data)
     if t.max_steps % t.eval_steps:
         raise ConfigError(
             f"training.max_steps ({t.max_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "
@@ -261,6 +278,38 @@ def _check_values(config: LorasweepConfig) -> None:
     if not config.output.name or "/" in config.output.name:
         raise ConfigError(f"output.name: must be a plain directory name, got {config.output.name!r}")
     _check_tracking(config)
+
+
+def _check_data(data: DataConfig) -> None:
+    """Row limits that leave a meaningful study, a label filter that keeps more than one label, and a prompt
+    template that str.format can render from the data's fields."""
+    if data.num_targets < 0 or data.num_targets == 1:
+        raise ConfigError(f"data.num_targets: must be 0 (all labels) or at least 2, got {data.num_targets!r}; one "
+                          f"label is learned as a constant answer and scores 100% exact match")
+    for split, minimum in MIN_SPLIT_ROWS.items():
+        limit = getattr(data, f"max_{split}_rows")
+        if limit != 0 and limit < minimum:
+            raise ConfigError(f"data.max_{split}_rows: must be 0 (all rows) or at least {minimum}, got {limit!r} "
+                              f"(the fewest {split} rows that make a study meaningful)")
+    if data.format == "template":
+        _check_prompt_template(data.prompt_template)
+
+
+def _check_prompt_template(template: str) -> None:
+    """data.prompt_template: parseable by str.format, with at least one placeholder, each named after a data field."""
+    key = "data.prompt_template"
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"{key}: {template!r} cannot be parsed by str.format ({err}); write a literal brace as "
+                          f"{{{{ or }}}}") from None
+    if not fields:
+        raise ConfigError(f"{key}: {template!r} has no {{field}} placeholder, so every prompt would be the same; "
+                          f"put the input in it, e.g. \"Query: {{text}}\\nIntent:\"")
+    for name in fields:
+        if not name.isidentifier():
+            raise ConfigError(f"{key}: placeholder {{{name}}} in {template!r} is not a field name; name each "
+                              f"placeholder after a column of the data, e.g. {{text}}")
 
 
 def _check_tracking(config: LorasweepConfig) -> None:
@@ -395,11 +444,14 @@ def coerce_float(dotted: str, value: Any) -> float:
     """Accept ints, floats and numeric strings: PyYAML reads `2e-4` (no dot) as a string."""
     if isinstance(value, bool):
         raise ConfigError(f"{dotted}: expected a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
+    number = value if isinstance(value, (int, float)) else None
     if isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+    if number is not None:
+        if not math.isfinite(number):  # "nan" and "inf" parse as floats, and slip through every range check
+            raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
+        return float(number)
     raise ConfigError(f"{dotted}: expected a number, got {value!r} (write exponents as 2.0e-4)")

@@ -3,12 +3,13 @@ example as prompt/completion text in the configured format, and tokenize it once
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import string
 from pathlib import Path
 
-from sweeps.config import ConfigError, DataConfig
+from sweeps.config import MIN_SPLIT_ROWS, ConfigError, DataConfig
 
 SPLITS = ("train", "validation", "test")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -28,6 +29,13 @@ class DataError(ConfigError):
     """Bad data: the message names the file, the line and what was found."""
 
 
+# In a split's origin: the split was carved out of the training file (_fill_missing_splits).
+CARVED = "split off"
+# Why each split needs MIN_SPLIT_ROWS rows (sweeps/config.py), for the message that refuses fewer.
+WHY_MINIMUM = {"train": "to train on", "validation": "for ASHA to compare trials by their validation loss",
+               "test": "held-out prompts, so that one prompt moves exact match by 10 points at most"}
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -42,6 +50,8 @@ def read_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], dict[str, str]]
         origin = {split: str(path) for split, path in sources.items()}
     else:
         raw, origin = _read_dataset_name(cfg.dataset_name)
+    for split, rows in raw.items():  # before any split is carved out, so that row numbers are the file's own
+        check_rows(rows, origin[split], cfg)
     return _fill_missing_splits(raw, origin, cfg), origin
 
 
@@ -105,7 +115,7 @@ def _read_hub_dataset(name: str) -> tuple[dict[str, list[dict]], dict[str, str]]
 
 def read_file(path: Path) -> list[dict]:
     """Rows of a JSONL, JSON, CSV or Parquet file. Text files are checked line by line first, because
-    pyarrow's errors name neither the line nor the byte; Parquet is read by `datasets`."""
+    pyarrow's and pandas' errors name neither the line nor the byte; CSV and Parquet are read by `datasets`."""
     kind = FILE_TYPES[path.suffix]
     if path.suffix == ".jsonl":
         return read_jsonl(path)
@@ -120,9 +130,45 @@ def read_file(path: Path) -> list[dict]:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
         return rows
+    if kind == "csv":
+        _check_csv(path)
     from datasets import load_dataset
 
-    return load_dataset(kind, data_files=str(path), split="train").to_list()
+    # keep_default_na=False: a text such as "NA" or "null" stays text, and an empty field is "" (refused by
+    # check_rows where a value is needed) instead of a silent NaN.
+    options = {"keep_default_na": False} if kind == "csv" else {}
+    try:
+        return load_dataset(kind, data_files=str(path), split="train", **options).to_list()
+    except Exception as err:  # pyarrow and pandas raise many types for a damaged file; all are the file's fault
+        cause = err.__cause__ or err  # datasets wraps the reader's own error, which says what is wrong
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0][:200] if str(cause) else 'no detail'}); check that the file "
+                        f"is complete and really {path.suffix[1:]}, or convert it to JSONL") from None
+
+
+def _check_csv(path: Path) -> None:
+    """Every CSV line has as many fields as the header: a delimiter other than a comma, an unquoted comma inside
+    a text or a cut-off last line fail here with the line number, not as a pandas traceback."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, strict=True)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: the file is empty; a CSV needs a header line of column names, then rows")
+            if len(header) == 1:
+                for separator in (";", "\t", "|"):
+                    if separator in header[0]:
+                        raise DataError(f"{path}:1: the header {header[0][:80]!r} is one column; lorasweep reads "
+                                        f"comma-separated CSV and this file looks {separator!r}-separated: save it "
+                                        f"with commas (quoting texts that contain commas) or as JSONL")
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise DataError(f"{path}:{reader.line_num}: {len(row)} comma-separated field(s), but the header "
+                                    f"has {len(header)} ({', '.join(header)[:120]}); quote texts that contain commas "
+                                    f"(\"a, b\"), check that the delimiter is a comma and that the line is complete")
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: invalid CSV ({err}); close the quoted field or check that "
+                            f"the file is complete") from None
 
 
 def _check_utf8(path: Path) -> None:
@@ -168,7 +214,7 @@ def _fill_missing_splits(raw: dict[str, list[dict]], origin: dict[str, str], cfg
     for split in missing:
         count = max(1, round(total * fractions[split])) if rows else 0
         raw[split], rows = rows[:count], rows[count:]
-        origin[split] = f"{origin['train']} ({fractions[split]:.0%} split off by data.seed={cfg.seed})"
+        origin[split] = f"{origin['train']} ({fractions[split]:.0%} {CARVED} by data.seed={cfg.seed})"
     raw["train"] = rows
     return raw
 
@@ -177,6 +223,7 @@ def _fill_missing_splits(raw: dict[str, list[dict]], origin: dict[str, str], cfg
 
 
 def required_fields(cfg: DataConfig) -> list[str]:
+    """The fields every row needs under data.format (the template's placeholders have been checked by the config)."""
     if cfg.format == "template":
         return [name for _, name, _, _ in string.Formatter().parse(cfg.prompt_template) if name] + [cfg.target_field]
     if cfg.format == "alpaca":
@@ -186,16 +233,75 @@ def required_fields(cfg: DataConfig) -> list[str]:
     return [cfg.messages_field]
 
 
-def check_and_filter(raw: dict[str, list[dict]], origin: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
-    """Fields present, label filter and row limits applied, no split empty."""
+def check_rows(rows: list[dict], where: str, cfg: DataConfig) -> None:
+    """Every row has the fields data.format needs, holding text (or a number) that is not empty where it is the
+    prompt or the target, and renders with data.prompt_template; the message names the file (`where`), the row
+    (counting from 1) and the field."""
     needed = required_fields(cfg)
-    for split, rows in raw.items():
-        if not rows:
-            raise DataError(f"{origin[split]}: the {split} split is empty")
-        missing = [f for f in needed if f not in rows[0]]
+    for number, row in enumerate(rows, start=1):
+        at = f"{where}: row {number}"
+        missing = [name for name in needed if name not in row]
         if missing:
-            raise DataError(f"{origin[split]}: field(s) {missing} needed by data.format={cfg.format} are missing; "
-                            f"columns found: {sorted(rows[0])}")
+            raise DataError(f"{at}: field(s) {missing} needed by data.format={cfg.format} are missing; "
+                            f"columns found: {sorted(row)}")
+        if cfg.format == "messages":
+            _check_messages(row[cfg.messages_field], f"{at}: field {cfg.messages_field!r}")
+            continue
+        for name in needed:
+            _check_text(row[name], f"{at}: field {name!r}", cfg.format)
+        if cfg.format == "alpaca" and row.get("input") is not None:
+            _check_text(row["input"], f"{at}: field 'input'", cfg.format)
+        if not target_of(row, cfg):
+            raise DataError(f"{at}: the target ({needed[-1]!r}) is empty; every row needs the answer the model "
+                            f"should learn: fill it in or remove the row")
+        if cfg.format == "template":
+            try:
+                prompt = cfg.prompt_template.format(**row)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+                raise DataError(f"{at}: data.prompt_template {cfg.prompt_template!r} cannot render this row "
+                                f"({type(err).__name__}: {err}); fix the placeholder's format spec or the row") from None
+        else:
+            prompt = str(row["instruction"] if cfg.format == "alpaca" else row["prompt"])
+        if not prompt.strip():
+            raise DataError(f"{at}: the prompt is empty; the model would have nothing to answer: fill it in or "
+                            f"remove the row")
+
+
+def _check_text(value, at: str, data_format: str) -> None:
+    # Numbers are rendered as text (a label 3, an age); null, lists and objects are a wrong column or a broken row.
+    if value is None or isinstance(value, (list, dict)) or not isinstance(value, (str, int, float)):
+        shown = "null" if value is None else f"a {type(value).__name__} {json.dumps(value, default=str)[:60]}"
+        raise DataError(f"{at} is {shown}; data.format={data_format} needs text there: fix the row or remove it")
+
+
+def _check_messages(messages, at: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{at} is {json.dumps(messages, default=str)[:80]}; data.format=messages needs a non-empty "
+                        f"list of {{role, content}} turns ending with an assistant turn")
+    for index, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise DataError(f"{at}, turn {index + 1}: {json.dumps(turn, default=str)[:80]} is not a {{role, content}} "
+                            f"turn with text in both")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise DataError(f"{at}: the last turn is {json.dumps(messages[-1])[:80]}; data.format=messages learns the "
+                        f"last turn, which must be an assistant turn with text")
+
+
+def target_of(row: dict, cfg: DataConfig) -> str:
+    """The answer a row teaches, as exact match compares it (stripped)."""
+    if cfg.format == "template":
+        return str(row[cfg.target_field]).strip()
+    if cfg.format == "alpaca":
+        return str(row["output"]).strip()
+    if cfg.format == "prompt_completion":
+        return str(row["completion"]).strip()
+    return str(row[cfg.messages_field][-1]["content"]).strip()
+
+
+def check_and_filter(raw: dict[str, list[dict]], origin: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
+    """Label filter and row limits applied; every split holds at least MIN_SPLIT_ROWS rows and the training rows
+    more than one target (the rows themselves were checked by read_splits)."""
+    before = {split: len(rows) for split, rows in raw.items()}
     if cfg.num_targets and cfg.format == "template":
         kept = set(sorted({str(r[cfg.target_field]) for r in raw["train"]})[: cfg.num_targets])
         raw = {split: [r for r in rows if str(r[cfg.target_field]) in kept] for split, rows in raw.items()}
@@ -206,11 +312,46 @@ def check_and_filter(raw: dict[str, list[dict]], origin: dict[str, str], cfg: Da
             # A seeded sample, so that a limit does not keep only the first labels of a file sorted by label.
             picked = sorted(random.Random(cfg.seed).sample(range(len(rows)), limits[split]))
             rows = [rows[i] for i in picked]
-        if not rows:
-            raise DataError(f"{origin[split]}: the {split} split is empty after filtering "
-                            f"(data.num_targets={cfg.num_targets}); raise data.num_targets or set it to 0")
+        if len(rows) < MIN_SPLIT_ROWS[split]:
+            raise DataError(_too_few_rows_message(split, len(rows), before, origin, cfg))
         out[split] = rows
+    targets = {target_of(row, cfg) for row in out["train"]}
+    if len(targets) == 1:
+        raise DataError(f"{origin['train']}: every training row has the same target {targets.pop()[:60]!r}; a model "
+                        f"that always answers it scores 100% exact match, which says nothing: use data with more "
+                        f"than one answer")
     return out
+
+
+def _too_few_rows_message(split: str, count: int, before: dict[str, int], origin: dict[str, str],
+                          cfg: DataConfig) -> str:
+    """Why the split is too small and the fix that gets it to the minimum (never one that only moves the problem)."""
+    minimum = MIN_SPLIT_ROWS[split]
+    head = (f"{origin[split]}: the {split} split has {count} row(s); lorasweep needs at least {minimum} "
+            f"({WHY_MINIMUM[split]})")
+    if before[split] >= minimum:  # the label filter took them (row limits are at least the minimum)
+        return (f"{head} and data.num_targets={cfg.num_targets} kept {count} of {before[split]}: raise "
+                f"data.num_targets or set it to 0 (all labels)")
+    carved = [s for s in ("validation", "test") if CARVED in origin[s]]
+    if carved and (split == "train" or split in carved):
+        return (f"{head}: {origin['train'].split(' (')[0]} is split by data.validation_fraction="
+                f"{cfg.validation_fraction:g} and data.test_fraction={cfg.test_fraction:g} and needs at least "
+                f"{rows_needed_for_carving(carved, cfg)} rows; add rows, or give data.validation_file and "
+                f"data.test_file")
+    return f"{head}: add rows to it"
+
+
+def rows_needed_for_carving(carved: list[str], cfg: DataConfig) -> int:
+    """The fewest rows a training file needs so that the splits carved out of it and what is left for training
+    all reach MIN_SPLIT_ROWS (before any label filter)."""
+    fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}
+    total = sum(MIN_SPLIT_ROWS[s] for s in ["train", *carved])
+    while True:  # ends: each carved split grows with the total (its fraction is above 0 and below 0.5)
+        sizes = [max(1, round(total * fractions[s])) for s in carved]
+        if total - sum(sizes) >= MIN_SPLIT_ROWS["train"] and all(
+                size >= MIN_SPLIT_ROWS[s] for s, size in zip(carved, sizes)):
+            return total
+        total += 1
 
 
 def render(rows: list[dict], cfg: DataConfig, tokenizer) -> list[dict]:
@@ -239,16 +380,19 @@ def _render_messages(messages: list[dict], cfg: DataConfig, tokenizer) -> dict:
     """Chat rows: everything before the last assistant turn is the prompt (rendered with the tokenizer's
     chat template and its generation prompt); the last assistant turn is the completion, so the loss
     falls on that assistant turn only."""
-    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-        raise DataError(f"data.messages_field: each row needs a list of {{role, content}} turns ending with an "
-                        f"assistant turn, got {str(messages)[:120]!r}")
     if tokenizer.chat_template is None:
         raise DataError("data.format=messages needs a tokenizer with a chat template; this model has none "
                         "(use data.format=template or prompt_completion)")
     if cfg.system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": cfg.system_prompt}] + messages
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError as err:  # the template's own checks, e.g. roles that must alternate
+        raise DataError(f"data.format=messages: the model's chat template refuses the conversation "
+                        f"{json.dumps(messages)[:100]} ({err}); fix the turns or use data.format=prompt_completion") from None
     if not full.startswith(prompt):
         raise DataError("data.format=messages: this chat template renders the conversation differently from its "
                         "prompt part, so the completion cannot be cut out; use data.format=prompt_completion")

@@ -1,6 +1,6 @@
 """How much of a GPU one trial gets: resources.gpus_per_trial, or with -1 (auto) as many trials per GPU as
 the largest trial of the search space fits in the GPU's memory (estimated from the model's config) and the
-GPU node's CPUs can drive."""
+GPU node's CPUs can drive; and whether the CPU requests fit a node with such a GPU."""
 
 from __future__ import annotations
 
@@ -49,6 +49,21 @@ def choose_gpus_per_trial(resources: ResourcesConfig, largest_trial: Callable[[]
                 "training.per_device_train_batch_size, or set training.gradient_checkpointing=true")
     # Ray keeps four decimals of a resource: round down so that per_gpu shares never exceed one GPU.
     return math.floor(10_000 / per_gpu) / 10_000, why
+
+
+def check_cpus_fit(resources: ResourcesConfig, trial_gpus: float, eval_gpus: float) -> None:
+    """Fail before the sweep when a trial's or the evaluation stage's CPUs, with its GPUs, fit on no node of the
+    Ray cluster: Ray would keep it pending forever. Needs a running Ray cluster."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for key, cpus, gpus in (("resources.cpus_per_trial", resources.cpus_per_trial, trial_gpus),
+                            ("resources.eval_cpus", resources.eval_cpus, eval_gpus)):
+        most = max((node.get("CPU", 0) for node in nodes if node.get("GPU", 0) >= gpus), default=0)
+        if cpus > most:
+            where = "Ray node with a GPU" if gpus else "Ray node"
+            raise ConfigError(f"{key}={cpus:g} but the largest {where} has {most:g} CPUs; it would wait for them "
+                              f"forever. Set {key}<={most:g}")
 
 
 def longest_row_tokens(splits: dict[str, list[dict]]) -> int:

@@ -150,10 +150,11 @@ def run(config, plan, experiment) -> int:
     print(f"[lorasweep] data: {len(splits['train'])} train, {len(splits['validation'])} validation, "
           f"{len(splits['test'])} held-out test rows, tokenized once for all trials", flush=True)
     # Here, after the quick checks: these import the trial's libraries.
-    from sweeps.trackers import check_optuna_study
+    from sweeps.trackers import check_mlflow_server, check_optuna_study
     from sweeps.tuner import can_resume
 
     check_optuna_study(config.tracking, config.output.name, experiment_dir, can_resume(experiment_dir))
+    check_mlflow_server(config.tracking)
 
     if not os.environ.get("RAY_ADDRESS") and str(PROJECT_ROOT) not in os.environ.get("PYTHONPATH", ""):
         # A local Ray instance started here: its workers inherit this environment and find the packages.
@@ -177,7 +178,7 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     from eval.outcomes import evaluation_candidates
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
-    from sweeps.gpu_share import choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
+    from sweeps.gpu_share import check_cpus_fit, choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
     from sweeps.trackers import log_generations_to_wandb
     from sweeps.tuner import build_trainable, run_sweep, trial_records
     from trainables.model_loading import choose_precision, hub_id_for_card
@@ -203,6 +204,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
                          bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
                          trust_remote_code=model.trust_remote_code)
 
+    # A shared-base engine takes a whole GPU with the trial's CPUs; the evaluation stage a GPU when there is one.
+    check_cpus_fit(config.resources, (1.0 if cuda else 0.0) if shared else gpus, 1.0 if cuda else 0.0)
     experiment.create(precision)  # the first write: locked, config.yaml and the inputs' fingerprint
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     engines = []

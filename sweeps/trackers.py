@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import optuna
 from ray import tune
@@ -16,6 +17,8 @@ from sweeps.config import ConfigError, TrackingConfig
 
 OPTUNA_DB = "optuna.db"
 MLFLOW_DB = "mlflow.db"
+# How long the check before the sweep waits for an MLflow tracking server (MLflow's own default is 120 s, 7 times).
+MLFLOW_CHECK_TIMEOUT_S = 10
 
 
 class LorasweepWandbCallback(WandbLoggerCallback):
@@ -126,6 +129,41 @@ def check_optuna_study(tracking: TrackingConfig, name: str, experiment_dir: Path
         raise ConfigError(f"tracking.optuna_storage: {url} already holds an Optuna study {name!r} that "
                           f"this new sweep would mix with; set output.name=<new name>, or delete it with "
                           f"`optuna delete-study --storage {url} --study-name {name}`")
+
+
+def check_mlflow_server(tracking: TrackingConfig) -> None:
+    """With tracking.mlflow on and an http(s) tracking URI, ask the server once, with a short timeout and no
+    retries, before anything is written: Ray's callback would otherwise retry for minutes once the sweep has started,
+    then fail with a traceback. (The default SQLite store is created inside the experiment directory.)"""
+    uri = tracking.mlflow_tracking_uri
+    if not tracking.mlflow or urlsplit(uri).scheme not in ("http", "https"):
+        return
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+    from mlflow.tracking import MlflowClient
+
+    # MLflow reads both at each request; they are set for this one request only.
+    limits = {MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(MLFLOW_CHECK_TIMEOUT_S), MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0"}
+    saved = {name: os.environ.get(name) for name in limits}
+    os.environ.update(limits)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # no server, a server that does not answer, a proxy's error page, refused credentials
+        text = str(err)
+        if "ReadTimeout" in text or "timed out" in text:
+            what = f"did not answer within {MLFLOW_CHECK_TIMEOUT_S} s"
+        elif "NewConnectionError" in text or "Connection refused" in text or "NameResolution" in text:
+            what = "cannot be reached (connection refused or unknown host)"
+        else:
+            what = f"refused the request ({type(err).__name__}: {text.splitlines()[0][:160] if text else 'no detail'})"
+        raise ConfigError(f"tracking.mlflow_tracking_uri: the MLflow server at {uri} {what}; start it, fix the URI "
+                          f"(credentials go in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), or set "
+                          f"tracking.mlflow=false") from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_generations_to_wandb(tracking: TrackingConfig, name: str, experiment_dir: Path, config: dict,

@@ -41,8 +41,10 @@ def bad_inputs(tmp_path_factory, tiny_data_dir, tiny_model_dir):
         "bad_bytes": data_dir("bad_bytes", train=(lines[0] + "\n").encode() + b'{"text": "caf\xe9", "intent": "balance"}\n'),
         "empty_validation": data_dir("empty_validation", validation=""),
         # the test split holds only a label that the label filter removes
-        "filtered_empty": data_dir("filtered_empty", test=json.dumps({"text": "what time is it", "intent": "zzz_time"}) + "\n"),
-        "long": data_dir("long", train="".join(json.dumps({"text": "word " * 200, "intent": i}) + "\n" for i in TEST_INTENTS)),
+        "filtered_empty": data_dir("filtered_empty", test="".join(
+            json.dumps({"text": f"what time is it {i}", "intent": "zzz_time"}) + "\n" for i in range(12))),
+        "long": data_dir("long", train="".join(json.dumps({"text": "word " * 200, "intent": i}) + "\n"
+                                              for i in TEST_INTENTS * 6)),
     }
     not_a_dir = root / "a_file"
     not_a_dir.write_text("x")
@@ -105,11 +107,11 @@ CASES = {
     "09 field missing": (["data.prompt_template=Q: {question}"], r"field\(s\) \['question'\] needed by data.format=template are missing; columns found: \['intent', 'text'\]"),
     "10 invalid json": (lambda p: [f"data.dataset_name={p['bad_json']}"], r"bad_json/train.jsonl:3: invalid JSON"),
     "11 non utf-8": (lambda p: [f"data.dataset_name={p['bad_bytes']}"], r"bad_bytes/train.jsonl:2: not UTF-8"),
-    "12 empty split": (lambda p: [f"data.dataset_name={p['empty_validation']}"], r"validation.jsonl: the validation split is empty"),
+    "12 empty split": (lambda p: [f"data.dataset_name={p['empty_validation']}"], r"validation.jsonl: the validation split has 0 row\(s\); lorasweep needs at least 8"),
     "12 empty after filter": (lambda p: [f"data.dataset_name={p['filtered_empty']}", "data.num_targets=2"],
-                              r"the test split is empty after filtering \(data.num_targets=2\)"),
+                              r"the test split has 0 row\(s\); .* data.num_targets=2 kept 0 of 12: raise data.num_targets"),
     "13 too long": (lambda p: [f"data.dataset_name={p['long']}", "data.max_length=64"],
-                    r"3 of 3 train examples are longer than data.max_length=64 tokens.*all were dropped"),
+                    r"18 of 18 train examples are longer than data.max_length=64 tokens.*all were dropped"),
     "08 hub dataset offline": (["data.dataset_name=someone/no-such-dataset"], r"'someone/no-such-dataset' is not a local path and the hub could not load it"),
     "15 hub model offline": (["model.model_name_or_path=someone/no-such-model"], r"'someone/no-such-model' is not a local directory and the hub could not load it"),
     "15 pickled weights only": (lambda p: [f"model.model_name_or_path={p['bin_only']}"], r"has no .safetensors weights"),

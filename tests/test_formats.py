@@ -35,7 +35,7 @@ def test_messages_prompt_uses_the_chat_template_and_system_prompt(tiny_model_dir
     from transformers import AutoTokenizer
 
     config = load_config(str(PROJECT_ROOT / "sweeps" / "configs" / "messages.yaml"),
-                         [f"data.dataset_name={PROJECT_ROOT / 'sweeps/data/examples/messages'}", "data.max_train_rows=4"])
+                         [f"data.dataset_name={PROJECT_ROOT / 'sweeps/data/examples/messages'}", "data.max_train_rows=16"])
     raw, origin = read_splits(config.data)
     rows = prepare_splits(config.data, check_and_filter(raw, origin, config.data), AutoTokenizer.from_pretrained(tiny_model_dir))
     row = rows["train"][0]

@@ -73,6 +73,24 @@ def locate_model(model_name_or_path: str) -> str:
 
     try:
         AutoConfig.from_pretrained(model_name_or_path)  # small; a typo or an offline hub fails here, not in a trial
+def load_model_config(model_dir: str, trust_remote_code: bool = False):
+    """The model's transformers config; ModelError when transformers cannot read it (custom code that is not
+    trusted, a model_type this transformers does not know, a broken config.json), so that no trial starts."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises ValueError, OSError, KeyError... for a config it cannot use
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ModelError(f"model.model_name_or_path: {model_dir!r} needs its own Python code to load (the "
+                             f"auto_map of its config.json); lorasweep runs it only with "
+                             f"model.trust_remote_code=true: set that if you trust the code, or choose a model "
+                             f"transformers supports") from None
+        raise ModelError(f"model.model_name_or_path: transformers cannot read the config of {model_dir!r} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); check its config.json or "
+                         f"upgrade transformers") from None
+
+
     except Exception as err:
         raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} is not a local directory and the hub "
                          f"could not load it ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -82,16 +100,23 @@ def locate_model(model_name_or_path: str) -> str:
 def linear_module_names(model_dir: str, trust_remote_code: bool = False) -> set[str]:
     """Names (last component) of the model's Linear layers, from a weightless copy on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    config = load_model_config(model_dir, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise ModelError(f"model.model_name_or_path: {model_dir!r} is not a causal language model that "
+                         f"transformers can build ({str(err).splitlines()[0][:200]}); lorasweep fine-tunes decoder "
+                         f"models (AutoModelForCausalLM)") from None
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
+    load_model_config(model_dir, trust_remote_code)
 
 def check_target_modules(model_dir: str, presets: set[str], trust_remote_code: bool = False) -> None:
-    """Every preset a trial may use names modules this model has (PEFT would fail inside each trial)."""
+    """The model's config loads (every trial would fail otherwise, whatever the preset) and every preset a trial may
+    use names modules this model has (PEFT would fail inside each trial)."""
     from trainables.lora_presets import TARGET_MODULE_PRESETS
 
     available = None
@@ -156,7 +181,12 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     """The tokenizer with a pad token (EOS when the model has none), padding on the right for training."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:  # missing or broken tokenizer files, a tokenizer class this transformers lacks
+        raise ModelError(f"model.model_name_or_path: transformers cannot load the tokenizer of {model_dir!r} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no detail'}); "
+                         f"save the tokenizer beside the model (tokenizer.save_pretrained)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -73,6 +73,12 @@ def locate_model(model_name_or_path: str) -> str:
 
     try:
         AutoConfig.from_pretrained(model_name_or_path)  # small; a typo or an offline hub fails here, not in a trial
+    except Exception as err:
+        raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} is not a local directory and the hub "
+                         f"could not load it ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    return model_name_or_path
+
+
 def load_model_config(model_dir: str, trust_remote_code: bool = False):
     """The model's transformers config; ModelError when transformers cannot read it (custom code that is not
     trusted, a model_type this transformers does not know, a broken config.json), so that no trial starts."""
@@ -91,12 +97,6 @@ def load_model_config(model_dir: str, trust_remote_code: bool = False):
                          f"upgrade transformers") from None
 
 
-    except Exception as err:
-        raise ModelError(f"model.model_name_or_path: {model_name_or_path!r} is not a local directory and the hub "
-                         f"could not load it ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    return model_name_or_path
-
-
 def linear_module_names(model_dir: str, trust_remote_code: bool = False) -> set[str]:
     """Names (last component) of the model's Linear layers, from a weightless copy on the meta device."""
     import torch
@@ -112,13 +112,13 @@ def linear_module_names(model_dir: str, trust_remote_code: bool = False) -> set[
                          f"models (AutoModelForCausalLM)") from None
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
-    load_model_config(model_dir, trust_remote_code)
 
 def check_target_modules(model_dir: str, presets: set[str], trust_remote_code: bool = False) -> None:
     """The model's config loads (every trial would fail otherwise, whatever the preset) and every preset a trial may
     use names modules this model has (PEFT would fail inside each trial)."""
     from trainables.lora_presets import TARGET_MODULE_PRESETS
 
+    load_model_config(model_dir, trust_remote_code)
     available = None
     for preset in sorted(presets):  # names already checked against the presets by the config
         modules = TARGET_MODULE_PRESETS[preset]

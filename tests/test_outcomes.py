@@ -162,6 +162,21 @@ def test_selection_by_heldout_loss_uses_each_prompts_loss():
     assert selection["versus_runner_up"]["first_better"] == 15 and selection["versus_runner_up"]["second_better"] == 5
 
 
+@pytest.mark.parametrize("select_by", ["rouge_l", "chrf"])
+def test_selection_by_a_text_metric_uses_each_prompts_score(select_by):
+    # No exact matches anywhere; a's answers are much closer to the targets than b's on every prompt.
+    results, generations = evaluated(base=([0] * 12, 3.0), a=([0] * 12, 0.9), b=([0] * 12, 0.5))
+    for name, score in (("base", 0.1), ("a", 0.7), ("b", 0.3)):
+        results[name][select_by] = score
+        for line in generations[name]:
+            line[select_by] = score
+    selection = select_winner(results, generations, select_by)
+    assert selection["winner"] == "a" and selection["tie"] is False and selection["better_than_base"] is True
+    assert selection["versus_runner_up"] == {"metric": select_by, "prompts": 12, "first_better": 12,
+                                             "second_better": 0, "p_value": pytest.approx(2 / 2**12)}
+    assert select_winner(results, generations, "exact_match")["winner"] == "b"  # exact match ties: lower loss
+
+
 def test_no_evaluated_trial_has_no_winner():
     results, generations = evaluated(base=([1] * 4, 0.1))
     selection = select_winner(results, generations, "exact_match")

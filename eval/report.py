@@ -173,10 +173,10 @@ def _generations_html(exp: Experiment) -> str:
                      f'<td class="gen">{html.escape(str(reference.get("target", "")))}</td>{"".join(cells)}</tr>')
     errors = sum('data-error="1"' in line for line in lines)
     missing = "" if winner else note("No evaluated trial has generations: only the base model is shown.")
-    toggle = (f'<label class="filter"><input type="checkbox" id="errors-only" data-table="generations"> errors only: '
+    toggle = (f'<label class="filter"><input type="checkbox" id="errors-only" data-table="generations-table"> errors only: '
               f'the {errors} of {count} prompts the {"winner" if winner else "base model"} ({html.escape(judged)}) '
               f'did not answer exactly</label>')
-    return (f'{missing}{toggle}<div class="scroll tall"><table id="generations"><thead><tr><th>#</th><th>prompt</th>'
+    return (f'{missing}{toggle}<div class="scroll tall"><table id="generations-table"><thead><tr><th>#</th><th>prompt</th>'
             f'<th>target</th>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table></div>'
             f'<p class="hint">All {count} held-out prompts; ✓ exact match after the sweep\'s normalization.</p>'
             + _per_label_html(exp, shown))

@@ -178,10 +178,10 @@ def test_every_generation_is_shown_with_an_errors_only_filter_and_accuracy_per_l
                  for i in range(30)]
         (experiment / "eval" / f"generations_{key}.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     page = write_report(experiment).read_text()
-    table = page[page.index('<table id="generations"'):page.index("</table>", page.index('<table id="generations"'))]
+    table = page[page.index('<table id="generations-table"'):page.index("</table>", page.index('<table id="generations-table"'))]
     assert table.count("<tr data-error=") == 30  # every prompt, not the first 20
     assert table.count('<tr data-error="1">') == 3  # the winner's misses: prompts 3, 4 and 5
-    assert 'id="errors-only" data-table="generations"' in page and "the 3 of 30 prompts the winner" in page
+    assert 'id="errors-only" data-table="generations-table"' in page and "the 3 of 30 prompts the winner" in page
     per_label = page[page.index('id="per-label"'):page.index("</table>", page.index('id="per-label"'))]
     rows = re.findall(r'<tr><td data-v="(\w+)">\w+</td><td class="num" data-v="10">10</td>(.*?)</tr>', per_label)
     cells = {label: re.findall(r"\((\d+)/10\)", row) for label, row in rows}
@@ -407,6 +407,36 @@ document.getElementById('page').addEventListener('load', function () {
     # the base model has no eval loss: last in both directions
     assert ascending.split(",") == by_loss + ["base"]
     assert descending.split(",") == by_loss[::-1] + ["base"]
+
+
+@needs_chromium
+def test_errors_only_hides_the_prompts_the_winner_answered(tmp_path):
+    """In Chromium: ticking the box leaves the rows of the winner's misses on screen, unticking brings all back."""
+    experiment = _minimal_experiment(tmp_path)
+    for key, wrong in (("base", set(range(25))), ("aaaa0001", {2, 7, 11}), ("aaaa0002", {1})):
+        lines = [{"prompt": f"q{i}", "target": "alarm", "generation": "x" if i in wrong else "alarm",
+                  "exact_match": i not in wrong} for i in range(25)]
+        (experiment / "eval" / f"generations_{key}.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    write_report(experiment)
+    harness = experiment / "filter_check.html"
+    harness.write_text("""<!DOCTYPE html><html><body><iframe id="page" src="report.html"></iframe><script>
+document.getElementById('page').addEventListener('load', function () {
+  var doc = this.contentDocument, box = doc.getElementById('errors-only'), counts = [];
+  var visible = function () {
+    return Array.from(doc.querySelectorAll('#generations-table tbody tr')).filter(function (r) {
+      return doc.defaultView.getComputedStyle(r).display !== 'none'; }).map(function (r) { return r.cells[0].textContent; });
+  };
+  counts.push(visible().join(','));
+  box.click(); counts.push(visible().join(','));
+  box.click(); counts.push(String(visible().length));
+  document.body.dataset.counts = counts.join(' ');
+});
+</script></body></html>""")
+    proc = _chromium(harness, "--dump-dom", "--allow-file-access-from-files")
+    before, ticked, unticked = next(_parse_dom(proc.stdout).iter("body")).attrs["data-counts"].split(" ")
+    assert before == ",".join(str(i) for i in range(1, 26))
+    assert ticked == "3,8,12"  # prompts 2, 7 and 11, numbered from 1
+    assert unticked == "25"
 
 
 @needs_chromium

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import string
+from contextlib import contextmanager
 from pathlib import Path
 
 from sweeps.config import MIN_SPLIT_ROWS, ConfigError, DataConfig
@@ -138,12 +140,31 @@ def read_file(path: Path) -> list[dict]:
     # check_rows where a value is needed) instead of a silent NaN.
     options = {"keep_default_na": False} if kind == "csv" else {}
     try:
-        return load_dataset(kind, data_files=str(path), split="train", **options).to_list()
+        with _datasets_quiet():
+            return load_dataset(kind, data_files=str(path), split="train", **options).to_list()
     except Exception as err:  # pyarrow and pandas raise many types for a damaged file; all are the file's fault
         cause = err.__cause__ or err  # datasets wraps the reader's own error, which says what is wrong
         raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(cause).__name__}: "
                         f"{str(cause).splitlines()[0][:200] if str(cause) else 'no detail'}); check that the file "
                         f"is complete and really {path.suffix[1:]}, or convert it to JSONL") from None
+
+
+@contextmanager
+def _datasets_quiet():
+    """Without datasets' progress bars and its log line about a file it cannot read: the error that follows says it
+    in one line."""
+    from datasets.utils import logging as datasets_logging
+
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def _check_csv(path: Path) -> None:

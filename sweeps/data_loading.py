@@ -125,7 +125,7 @@ def read_file(path: Path) -> list[dict]:
         _check_utf8(path)
     if kind == "json":
         try:
-            loaded = json.loads(path.read_text())
+            loaded = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no error
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
         rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
@@ -208,7 +208,7 @@ def read_jsonl(path: Path) -> list[dict]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is no error
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8") from None
             if not line.strip():

@@ -397,3 +397,29 @@ def test_malformed_file_of_every_format_exits_2_with_one_line_and_writes_nothing
     before = tree_state(experiment)
     assert main(args) == 2
     assert tree_state(experiment) == before
+
+
+def test_mlflow_server_that_does_not_answer_fails_fast_before_anything_is_written(tiny_model_dir, tiny_data_dir,
+                                                                                  tmp_path, capsys):
+    """A tracking server that accepts the connection and never answers: refused after MLFLOW_CHECK_TIMEOUT_S, not
+    after MLflow's minutes of retries, and before the experiment directory exists."""
+    import socket
+    import time
+
+    from sweeps.trackers import MLFLOW_CHECK_TIMEOUT_S
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code = main([f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}",
+                     f"output.dir={tmp_path / 'runs'}", "output.name=exp", "tracking.mlflow=true",
+                     f"tracking.mlflow_tracking_uri={uri}"])
+        seconds = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"tracking.mlflow_tracking_uri: the MLflow server at {uri} did not answer within {MLFLOW_CHECK_TIMEOUT_S} s" in err
+    assert err.count("lora_search: error:") == 1
+    assert MLFLOW_CHECK_TIMEOUT_S <= seconds < MLFLOW_CHECK_TIMEOUT_S + 30  # the data checks before it take seconds
+    assert not (tmp_path / "runs" / "exp").exists()

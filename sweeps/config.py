@@ -166,6 +166,23 @@ class LorasweepConfig:
         return dataclasses.asdict(self)
 
 
+# The valid range of each numeric training setting: checked for training.* here and for every value sweep.parameters
+# can give a trial (sweeps/search_space.py), so that a searched value cannot go where a fixed one may not.
+TRAINING_RANGES = {
+    "lora_r": "positive", "lora_alpha": "positive", "learning_rate": "positive", "max_steps": "positive",
+    "eval_steps": "positive", "per_device_train_batch_size": "positive", "per_device_eval_batch_size": "positive",
+    "gradient_accumulation_steps": "positive", "warmup_steps": "0 or more", "weight_decay": "0 or more",
+    "lora_dropout": "in [0, 1)",
+}
+_IN_RANGE = {"positive": lambda v: v > 0, "0 or more": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def training_range_error(name: str, value: float) -> str | None:
+    """What is wrong with a value of training.<name> ("must be positive"), or None when it is in range."""
+    rule = TRAINING_RANGES.get(name)
+    return f"must be {rule}" if rule and not _IN_RANGE[rule](value) else None
+
+
 # Keys whose values are free-form mappings, checked by their own validators (sweeps/search_space.py).
 _MAPPING_KEYS = {"sweep.metric", "sweep.early_terminate", "sweep.parameters"}
 
@@ -221,15 +238,11 @@ def given_keys(config_path: str | None, overrides: list[str]) -> set[str]:
 def _check_values(config: LorasweepConfig) -> None:
     """Range checks that a type alone cannot express."""
     t, s, r, e = config.training, config.sweep, config.resources, config.eval
+    for name in TRAINING_RANGES:
+        problem = training_range_error(name, getattr(t, name))
+        if problem:
+            raise ConfigError(f"training.{name}: {problem}, got {getattr(t, name)!r}")
     positive = {
-        "training.lora_r": t.lora_r,
-        "training.lora_alpha": t.lora_alpha,
-        "training.learning_rate": t.learning_rate,
-        "training.max_steps": t.max_steps,
-        "training.eval_steps": t.eval_steps,
-        "training.per_device_train_batch_size": t.per_device_train_batch_size,
-        "training.per_device_eval_batch_size": t.per_device_eval_batch_size,
-        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
         "data.max_length": config.data.max_length,
         "sweep.run_cap": s.run_cap,
         "sweep.max_concurrent_trials": s.max_concurrent_trials,
@@ -244,8 +257,6 @@ def _check_values(config: LorasweepConfig) -> None:
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
     not_negative = {
-        "training.warmup_steps": t.warmup_steps,
-        "training.weight_decay": t.weight_decay,
         "resources.max_failures": r.max_failures,
         "eval.merge_check_prompts": e.merge_check_prompts,
         "eval.merge_check_tolerance": e.merge_check_tolerance,
@@ -264,8 +275,6 @@ def _check_values(config: LorasweepConfig) -> None:
     if t.lora_target_modules not in TARGET_MODULE_PRESETS:
         raise ConfigError(f"training.lora_target_modules: preset {t.lora_target_modules!r} is unknown; valid presets: "
                           f"{', '.join(TARGET_MODULE_PRESETS)}")
-    if not 0 <= t.lora_dropout < 1:
-        raise ConfigError(f"training.lora_dropout: must be in [0, 1), got {t.lora_dropout!r}")
     for key in ("validation_fraction", "test_fraction"):
         if not 0 < getattr(config.data, key) < 0.5:
             raise ConfigError(f"data.{key}: must be between 0 and 0.5, got {getattr(config.data, key)!r}")

@@ -9,14 +9,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sweeps.config import ConfigError, SweepConfig, coerce_float
+from sweeps.config import ConfigError, SweepConfig, coerce_float, training_range_error
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.trial_spec import TrainingConfig
 
 SEARCHABLE = {f for f in TrainingConfig.__dataclass_fields__}
 INT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("int", int)}
 FLOAT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("float", float)}
-POSITIVE_KEYS = {"lora_r", "lora_alpha", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"}
 _SPEC_KEYS = {"values", "value", "distribution", "min", "max"}
 
 
@@ -67,8 +66,10 @@ def _parse_one(name: str, where: str, spec: dict) -> dict:
         if name not in FLOAT_KEYS:
             raise ConfigError(f"{where}: {name} takes integer or listed values, not a float range")
         low, high = coerce_float(f"{where}.min", spec["min"]), coerce_float(f"{where}.max", spec["max"])
-    if name in POSITIVE_KEYS and low <= 0:
-        raise ConfigError(f"{where}.min: {name} must be positive, got {low!r}")
+    for end, value in (("min", low), ("max", high)):
+        problem = training_range_error(name, value)
+        if problem:
+            raise ConfigError(f"{where}.{end}: {name} {problem}, got {value!r}")
     if low >= high if not is_int else low > high:
         raise ConfigError(f"{where}: min ({low!r}) must be below max ({high!r}); swap them")
     if distribution == "log_uniform_values" and low <= 0:
@@ -88,8 +89,9 @@ def _check_value(name: str, where: str, value: Any) -> Any:
             raise ConfigError(f"{where}: {name} takes integers, got {value!r}")
     elif name in FLOAT_KEYS:
         value = coerce_float(where, value)
-    if name in POSITIVE_KEYS and value <= 0:
-        raise ConfigError(f"{where}: {name} must be positive, got {value!r}")
+    problem = training_range_error(name, value)
+    if problem:
+        raise ConfigError(f"{where}: {name} {problem}, got {value!r}")
     return value
 
 

@@ -18,7 +18,7 @@ TOKEN_SHAPES = [
     ("a Hugging Face token (hf_...)", re.compile(r"(?<![A-Za-z0-9])hf_(?P<body>[A-Za-z0-9]{30,})"), "HF_TOKEN"),
     ("a GitHub token (gh*_...)", re.compile(r"(?<![A-Za-z0-9])gh[pousr]_(?P<body>[A-Za-z0-9]{36,})"), "GITHUB_TOKEN"),
     ("a GitHub token (github_pat_...)", re.compile(r"(?<![A-Za-z0-9])github_pat_(?P<body>[A-Za-z0-9_]{40,})"), "GITHUB_TOKEN"),
-    ("an API key (sk-...)", re.compile(r"(?<![A-Za-z0-9])sk-(?:[a-z0-9]+-)*(?P<body>[A-Za-z0-9_-]{32,})"),
+    ("an API key (sk-...)", re.compile(r"(?<![A-Za-z0-9])sk-(?P<body>[A-Za-z0-9_-]{32,})"),
      "OPENAI_API_KEY, or the variable of the service that uses it"),
     ("an AWS access key id (AKIA...)", re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
      "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials"),
@@ -63,8 +63,9 @@ def check_tree(tree: Any, where: str = "", source: str = "") -> None:
     if isinstance(tree, dict):
         for key, value in tree.items():
             key = str(key)
-            if find_secret(key):
-                _refuse(f"a key under {where or 'the top level'}", find_secret(key), source)
+            found = find_secret(key)
+            if found:
+                _refuse(f"a key under {where or 'the top level'}", found, source)
             check_tree(value, f"{where}.{key}" if where else key, source)
     elif isinstance(tree, list):
         for index, item in enumerate(tree):
@@ -81,8 +82,10 @@ def check_argument(argument: str) -> None:
     key, sep, value = argument.partition("=")
     if sep and not key.startswith("-") and not find_secret(key):
         check_tree({key.strip(): value})
-    elif find_secret(argument):
-        _refuse("a command-line argument", find_secret(argument), "")
+        return
+    found = find_secret(argument)
+    if found:
+        _refuse("a command-line argument", found, "")
 
 
 def _refuse(where: str, found: tuple[str, str], source: str) -> None:

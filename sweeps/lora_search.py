@@ -109,6 +109,10 @@ def check_cheaply(config, plan) -> None:
     if not source.endswith(".gguf"):  # a GGUF's modules are known once it is converted
         check_target_modules(source, set(plan.values("lora_target_modules", config.training.lora_target_modules)),
                              config.model.trust_remote_code)
+    if config.tracking.mlflow:  # one request with a short timeout (sweeps/trackers.py imports the trial's libraries)
+        from sweeps.trackers import check_mlflow_server
+
+        check_mlflow_server(config.tracking)
 
 
 def print_plan(config, plan, given: set[str]) -> None:

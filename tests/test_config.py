@@ -265,3 +265,21 @@ def test_dry_run_refuses_what_the_existing_experiment_would_refuse(tmp_path, tin
     assert "holds a sweep with a different config (changed: training.learning_rate)" in capsys.readouterr().err
     assert main(["--dry-run", *args, "resources.cpus_per_trial=2"]) == 0  # resources do not change results
     assert sorted(p.name for p in config.experiment_dir.iterdir()) == before  # no lock taken, nothing written
+
+
+def test_dry_run_asks_the_mlflow_server(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    """A tracking server that never answers fails the dry run as it fails the run (after the check's timeout)."""
+    import socket
+
+    pytest.importorskip("mlflow")
+    from sweeps.trackers import MLFLOW_CHECK_TIMEOUT_S
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code = main(["--dry-run", *_dry_run_args(tmp_path, tiny_model_dir, tiny_data_dir), "tracking.mlflow=true",
+                     f"tracking.mlflow_tracking_uri={uri}"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert f"the MLflow server at {uri} did not answer within {MLFLOW_CHECK_TIMEOUT_S} s" in err

@@ -111,6 +111,7 @@ class CardFacts:
     results: dict  # {trial id or "base": the evaluation stage's figures}
     options: EvalConfig
     example: dict  # one held-out row: its prompt and target
+    selection: tuple[str, ...] = ()  # how the winner was chosen, in eval.outcomes.describe_selection's sentences
 
 
 def point_adapter_at_base(adapter_dir: Path, reference: BaseReference) -> None:
@@ -174,14 +175,17 @@ def _card(facts: CardFacts, library: str, title: str, about: str, usage: str):
 def _summary(facts: CardFacts) -> str:
     evaluated = [k for k in facts.results if k != "base"]
     scored = facts.results[facts.trial_id]
-    return (f"Chosen by lorasweep as the best of {len(evaluated)} evaluated trial(s) of the "
-            f"study, by `{facts.options.select_by}` on {scored['n']} held-out prompts: exact match "
-            f"{scored['exact_match']:.1%}, held-out loss {scored['heldout_loss']:.4f}.")
+    # The selection's own sentences, its warning against the base model first when there is one.
+    chosen = "".join(f"\n\n{'**' + line + '**' if line.startswith('WARNING') else line}" for line in facts.selection)
+    return (f"Chosen by lorasweep from {len(evaluated)} evaluated trial(s) of the study, by "
+            f"`{facts.options.select_by}` on {scored['n']} held-out prompts: exact match "
+            f"{scored['exact_match']:.1%}, held-out loss {scored['heldout_loss']:.4f}.{chosen}")
 
 
 def _prompt_format(facts: CardFacts) -> str:
     data, example = facts.study.data, facts.example
     fmt = data["format"]
+    exact = "(the snippet under Usage has it Python-quoted, exact to the last space and newline)"
     if fmt == "template":
         how = (f"The prompt is `data.prompt_template` filled with a row's fields; the model answers with "
                f"`data.target_prefix` and the row's `{data['target_field']}`, then its end-of-sequence token. "
@@ -200,7 +204,7 @@ def _prompt_format(facts: CardFacts) -> str:
                f"(`tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`){system}; "
                "the model answers the last turn.")
     return (f"## Prompt format\n\n`data.format`: `{fmt}`. {how}\n\nA held-out example, as the evaluation stage "
-            f"prompted it:\n\n```text\n{example['prompt']}\n```\n\nExpected answer: "
+            f"prompted it {exact}:\n\n```text\n{example['prompt']}\n```\n\nExpected answer: "
             f"`{example['target']!r}`")
 
 

@@ -14,7 +14,7 @@ from eval.eval_config import EvalConfig
 from eval.exact_match import exact_match_flags
 from eval.generation import generate_greedy, heldout_losses
 from eval.model_card import CardFacts, StudyFacts
-from eval.outcomes import BASE_ROW_ID, select_winner, wilson_interval
+from eval.outcomes import BASE_ROW_ID, describe_selection, select_winner, wilson_interval
 from eval.text_metrics import text_scores
 from trainables.trial_spec import RESUME_FILES, BaseModelSpec
 
@@ -155,7 +155,8 @@ def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows:
         return outcome
     winning = next(c for c in candidates if c["trial_id"] == winner)
     facts = CardFacts(study=study, trial_id=winner, params=winning.get("params", {}), steps=winning.get("steps"),
-                      results=results, options=options, example=test_rows[0])
+                      results=results, options=options, example=test_rows[0],
+                      selection=tuple(describe_selection(selection, results)))
     try:
         outcome["merge_check"] = merge_and_check(base, winning["checkpoint_dir"], experiment, facts,
                                                  test_rows[: options.merge_check_prompts], options)

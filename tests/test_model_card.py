@@ -70,12 +70,12 @@ def write_llama_gguf(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def facts_for(model_name_or_path: str, results: dict, **data_changes) -> CardFacts:
+def facts_for(model_name_or_path: str, results: dict, selection: tuple[str, ...] = (), **data_changes) -> CardFacts:
     data = dataclasses.asdict(dataclasses.replace(DataConfig(), **data_changes))
     study = StudyFacts(study="cards", base=base_reference(model_name_or_path), precision="4bit", data=data,
                        rows={"train": 48, "validation": 12, "test": 18}, training=dataclasses.asdict(TrainingConfig()))
     return CardFacts(study=study, trial_id="trial_0001", params={"learning_rate": 0.003, "lora_r": 16}, steps=6,
-                     results=results, options=EvalConfig(max_new_tokens=6), example=EXAMPLE)
+                     results=results, options=EvalConfig(max_new_tokens=6), example=EXAMPLE, selection=selection)
 
 
 def python_block(card_text: str) -> str:
@@ -117,7 +117,9 @@ def portable(tiny_model_dir, tmp_path_factory):
     results = {"trial_0001": {"exact_match": 0.5, "exact_match_ci": (0.29, 0.71), "heldout_loss": 1.25, "n": 18,
                               "seconds": 1.0},
                "base": {"exact_match": 0.0, "heldout_loss": 6.5, "n": 18, "seconds": 1.0}}
-    facts = facts_for(str(gguf_file), results)
+    facts = facts_for(str(gguf_file), results, selection=("WARNING: the winner trial_0001 is NOT better than the "
+                                                          "base model on exact_match.", "Winner trial_0001: the only "
+                                                          "evaluated trial."))
     experiment = root / "experiment"
     experiment.mkdir()
     check = merge_and_check(BaseModelSpec(model_dir=model_dir, precision="bf16", device="cpu"), str(checkpoint),
@@ -172,6 +174,9 @@ def test_the_cards_hold_prompt_format_generation_training_data_and_figures(porta
         assert figures == {"exact_match": 0.5, "heldout_loss": 1.25}
         assert {r.dataset_split for r in card.data.eval_results} == {"test"}
         text = card.text
+        # how it was chosen, the selection's warning first and loud
+        assert "**WARNING: the winner trial_0001 is NOT better than the base model on exact_match.**" in text
+        assert text.index("WARNING") < text.index("Winner trial_0001: the only evaluated trial.")
         # the prompt format: the template, the target prefix, a held-out example and its answer
         assert "```text\nQuery: {text}\nIntent:\n```" in text and "Target prefix: `' '`" in text
         assert f"```text\n{EXAMPLE['prompt']}\n```" in text and "Expected answer: `'alarm'`" in text

@@ -137,6 +137,8 @@ def test_the_cards_say_what_the_sweep_did_and_a_copied_adapter_runs_its_snippet(
         assert figures["exact_match"] == pytest.approx(winner["exact_match"])
         assert figures["heldout_loss"] == pytest.approx(winner["heldout_loss"])
         assert f"| this model (trial `{winner['trial_id']}`) | 18 |" in card.text
+        assert f"Winner {winner['trial_id']}: the only evaluated trial." in card.text
+        assert ("NOT better than the base model" in card.text) == (not board["selection"]["better_than_base"])
         assert "| `learning_rate` | 0.03 (searched) |" in card.text and "trained 6 of 6 steps" in card.text
         assert "```text\nQuery: {text}\nIntent:\n```" in card.text and "at most 6 new tokens" in card.text
     adapter = tmp_path / "best_adapter"

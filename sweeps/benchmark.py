@@ -171,6 +171,8 @@ def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds:
               exact_match, eval_seconds, estimate_mib, sampler: "GpuSampler") -> dict:
     import torch
 
+    from trainables.model_loading import resolve_model_dir
+
     t = config.training
     # Non-pad tokens per optimizer step: the same rows per step both ways, whatever the padding.
     row_tokens = statistics.fmean(len(r["input_ids"]) for r in splits["train"])
@@ -181,6 +183,10 @@ def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds:
     first = [r["startup_s"] for r in trials if r.get("trial_in_process") == 1 and r.get("startup_s") is not None]
     later = [r["startup_s"] for r in trials if (r.get("trial_in_process") or 1) > 1 and r.get("startup_s") is not None]
     gpus = max(torch.cuda.device_count(), 1)
+    tokens_per_s_per_gpu = sum(r["step"] for r in trials) * tokens_per_step / sweep_seconds / gpus
+    peak = matmul_rate() if torch.cuda.is_available() else None
+    model_tflops = 4 * linear_parameters_of(resolve_model_dir(config.model.model_name_or_path),
+                                            config.model.trust_remote_code) * tokens_per_s_per_gpu / 1e12
     return {
         "way": way,
         "date": date.today().isoformat(),
@@ -199,7 +205,11 @@ def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds:
         "startup_later_s_max": max(later) if later else None,
         "trials_on_reused_workers": len(later),
         "train_tokens_per_s_per_trial": _median(per_trial_rate),
-        "train_tokens_per_s_per_gpu": round(sum(r["step"] for r in trials) * tokens_per_step / sweep_seconds / gpus),
+        "train_tokens_per_s_per_gpu": round(tokens_per_s_per_gpu),
+        # Forward plus the input-gradient backward: 4 FLOPs per linear parameter and token, over a bf16 matmul rate
+        # measured in the same run.
+        "bf16_matmul_tflops": peak,
+        "mfu": round(model_tflops / peak, 4) if peak else None,
         "peak_memory_mib_per_trial": max((r.get("peak_memory_mib") or 0 for r in trials), default=None),
         "estimated_trial_mib": estimate_mib,
         "gpu_utilization_mean": sampler.mean_utilization(),
@@ -209,6 +219,34 @@ def summarize(way: str, config, trials: list[dict], splits: dict, sweep_seconds:
         "test_prompts": len(splits["test"]),
         "eval_seconds_per_adapter": eval_seconds,
     }
+
+
+def linear_parameters_of(model_dir: str, trust_remote_code: bool = False) -> int:
+    """Weights of the model's linear layers and output head (what each token multiplies through), counted on the
+    meta device from its config: nothing loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_rate() -> float:
+    """bf16 TFLOP/s of a large matmul on this GPU, measured now."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    began, runs = time.time(), 20
+    for _ in range(runs):
+        a @ b
+    torch.cuda.synchronize()
+    return round(2 * 8192**3 * runs / (time.time() - began) / 1e12, 1)
 
 
 def _median(values: list[float]):
@@ -276,6 +314,8 @@ ROWS = [
      lambda f: f"{_s(f['startup_later_s_median'])} / {_s(f['startup_later_s_max'])} ({f['trials_on_reused_workers']} trials)"),
     ("training tokens/s per trial (median)", lambda f: _n(f["train_tokens_per_s_per_trial"])),
     ("training tokens/s per GPU (all trials / wall time)", lambda f: _n(f["train_tokens_per_s_per_gpu"])),
+    ("model FLOPs utilization (of the bf16 matmul rate measured in the run)",
+     lambda f: "-" if f.get("mfu") is None else f"{100 * f['mfu']:.2f}% of {f['bf16_matmul_tflops']} TFLOP/s"),
     ("peak GPU memory per trial (allocator peak)", lambda f: _mib(f["peak_memory_mib_per_trial"])),
     ("estimated memory per trial (sizes the GPU share)", lambda f: _mib(f["estimated_trial_mib"])),
     ("GPU utilization (mean of samples)", lambda f: "-" if f["gpu_utilization_mean"] is None else f"{f['gpu_utilization_mean']}%"),

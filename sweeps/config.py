@@ -118,6 +118,10 @@ class ResourcesConfig:
     engine: Literal["per_process", "shared"] = "per_process"
     # With engine=shared: the adapters one engine trains at once (0: max_concurrent_trials spread over the GPUs).
     engine_slots: int = 0
+    # With engine=shared and a 4-bit base: the engine dequantizes the NF4 weights once to bf16 and trains on those,
+    # the same numbers bitsandbytes dequantizes to before every matmul, for 4x the base's 4-bit memory (one copy per
+    # GPU). Engine steps measured 1.9-2.5x faster on an H200 (BENCHMARKS.md). false: dequantize in every matmul.
+    engine_dequantize_base: bool = True
 
 
 @dataclass

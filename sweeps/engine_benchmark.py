@@ -45,7 +45,7 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
             dequantized_base: bool = False) -> dict:
     import torch
 
-    from sweeps.benchmark import prepared_data
+    from sweeps.benchmark import linear_parameters_of, matmul_rate, prepared_data
     from sweeps.search_space import plan_sweep
     from trainables.engine import LoraEngine
     from trainables.model_loading import choose_precision
@@ -67,7 +67,7 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
         engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base)
         for training in adapters_of_the_space(config, plan, count):
             engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
-        results.append(time_steps(engine, steps, peak, linear_parameters(engine.model)))
+        results.append(time_steps(engine, steps, peak, linear_parameters_of(model_dir)))
         del engine
         if cuda:
             torch.cuda.empty_cache()
@@ -90,31 +90,6 @@ def adapters_of_the_space(config, plan, count: int) -> list:
     return [dataclasses.replace(training, lora_r=r, lora_alpha=a, lora_target_modules=t, learning_rate=learning_rate,
                                 seed=index, max_steps=10**6)
             for index, (r, a, t) in zip(range(count), itertools.cycle(corners))]
-
-
-def linear_parameters(model) -> int:
-    """Parameters of the base's linear layers and output head: what each token multiplies through."""
-    from trainables.multi_lora import MultiLoraLinear
-
-    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, MultiLoraLinear))
-    head = model.get_output_embeddings()
-    return total + head.in_features * head.out_features
-
-
-def matmul_rate() -> float:
-    """bf16 TFLOP/s of a large matmul on this GPU, measured now."""
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    began, runs = time.time(), 20
-    for _ in range(runs):
-        a @ b
-    torch.cuda.synchronize()
-    return round(2 * 8192**3 * runs / (time.time() - began) / 1e12, 1)
 
 
 def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
@@ -170,6 +145,15 @@ def profile_step(engine, steps: int = 3) -> dict:
     kernels = sorted(((e.self_device_time_total, e.key) for e in prof.key_averages()
                       if e.self_device_time_total and not e.key.startswith("aten::")), reverse=True)[:8]
     out.update({f"kernel: {key[:90]}": round(us / 1000 / steps, 2) for us, key in kernels})
+    # Where the CPU's time goes: the step's phases (the engine's record_function labels, CPU time to launch them)
+    # and the operators that cost the CPU most, with how many of them a step runs.
+    for event in prof.key_averages():
+        if event.key.startswith("lorasweep:"):
+            out[f"phase (CPU): {event.key[len('lorasweep: '):]}"] = round(event.cpu_time_total / 1000 / steps, 2)
+    operators = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    out["operators per step (aten calls)"] = round(sum(e.count for e in operators) / steps)
+    for event in sorted(operators, key=lambda e: -e.self_cpu_time_total)[:6]:
+        out[f"operator (CPU self): {event.key} x{event.count // steps}"] = round(event.self_cpu_time_total / 1000 / steps, 2)
     out["gpu busy (sum of kernels)"] = round(busy, 2)
     out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
     out["step wall (profiled)"] = round(wall_ms, 2)

@@ -208,9 +208,9 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
                          bnb_4bit_quant_type=model.bnb_4bit_quant_type,
                          bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
                          trust_remote_code=model.trust_remote_code)
-
     # A shared-base engine takes a whole GPU with the trial's CPUs; the evaluation stage a GPU when there is one.
     check_cpus_fit(config.resources, (1.0 if cuda else 0.0) if shared else gpus, 1.0 if cuda else 0.0)
+
     experiment.create(precision)  # the first write: locked, config.yaml and the inputs' fingerprint
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     engines = []
@@ -294,7 +294,7 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
           f"(rank up to {max_rank}), {gpus_each:g} GPU each; the trials are their clients", flush=True)
     engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
                             config.training.gradient_checkpointing, splits["train"], splits["validation"],
-                            restarts=resources.max_failures)
+                            restarts=resources.max_failures, dequantized_base=resources.engine_dequantize_base)
     names = [ENGINE_NAME.format(index=i) for i in range(count)]
     trainable = tune.with_resources(
         tune.with_parameters(train_engine_trial, training=config.training, base=base,

@@ -140,7 +140,8 @@ class LoraEngine:
             if adapter.micro_step == adapter.training.gradient_accumulation_steps:
                 due.append(slot)
         lrs = {s: self._learning_rate(self.adapters[s]) for s in due}
-        norms = self.optimizer.step(due, lrs, {s: self.adapters[s].training.weight_decay for s in due})
+        with torch.profiler.record_function("lorasweep: optimizer"):
+            norms = self.optimizer.step(due, lrs, {s: self.adapters[s].training.weight_decay for s in due})
         for slot in due:
             adapter = self.adapters[slot]
             adapter.micro_step = 0
@@ -227,7 +228,8 @@ class LoraEngine:
             part = {slot: rows for slot, rows in part.items() if rows}
             if not part:
                 continue
-            layout = _flat_layout(part, self.model.device)
+            with torch.profiler.record_function("lorasweep: batch layout"):
+                layout = _flat_layout(part, self.model.device)
             self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
                              self.model.device, any(self.adapters[s].training.lora_dropout for s in part))
             try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
@@ -239,12 +241,15 @@ class LoraEngine:
 
     def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
         slots = [slot for slot, _, _ in layout.segments if slot >= 0]  # one row each, in the layout's order
-        sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
-        divisors = torch.tensor([max(1, self.adapters[slot].window_targets) for slot in slots], device=sums.device)
-        losses = sums / divisors
+        # The record_function labels name the step's phases in a profile (sweeps/engine_benchmark.py); free otherwise.
+        with torch.profiler.record_function("lorasweep: forward and loss"):
+            sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
+            divisors = torch.tensor([max(1, self.adapters[slot].window_targets) for slot in slots], device=sums.device)
+            losses = sums / divisors
         # A non-finite loss is left out of the backward (its adapter fails); the values are read after the backward
         # is queued, so the forward's kernels need not finish before the backward's are launched.
-        losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum().backward()
+        with torch.profiler.record_function("lorasweep: backward"):
+            losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum().backward()
         return dict(zip(slots, losses.detach().tolist()))
 
     def _micro_index(self, slot: int) -> int:

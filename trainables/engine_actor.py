@@ -38,12 +38,12 @@ class EngineServer:
     """Owns a LoraEngine and the stepping thread; every public method is safe to call from many threads."""
 
     def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool,
-                 train_rows: list[dict], eval_rows: list[dict]):
+                 dequantized_base: bool, train_rows: list[dict], eval_rows: list[dict]):
         from trainables.engine import LoraEngine
         from trainables.model_loading import load_tokenizer
 
         started = time.time()
-        self.engine = LoraEngine(base, slots, max_rank, gradient_checkpointing)
+        self.engine = LoraEngine(base, slots, max_rank, gradient_checkpointing, dequantized_base)
         self.tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)
         self.startup_s = round(time.time() - started, 2)
         self.incarnation = uuid.uuid4().hex  # a restarted engine has a new one, and none of the old adapters
@@ -166,7 +166,7 @@ class EngineServer:
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
                     "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
-                    "engine_peak_memory_mb": round(_peak_memory_mb(), 1)}
+                    "engine_peak_memory_mib": round(_peak_memory_mib(), 1)}
 
     def _loop(self) -> None:
         while True:
@@ -243,7 +243,7 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _peak_memory_mb() -> float:
+def _peak_memory_mib() -> float:
     import resource
 
     import torch
@@ -257,7 +257,8 @@ _rows_kept_for_restarts: list = []  # in the driver: the engines' constructor ar
 
 
 def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseModelSpec, slots: int, max_rank: int,
-                  gradient_checkpointing: bool, train_rows: list[dict], eval_rows: list[dict], restarts: int) -> list:
+                  gradient_checkpointing: bool, train_rows: list[dict], eval_rows: list[dict], restarts: int,
+                  dequantized_base: bool = True) -> list:
     """`count` named engine actors (one per GPU), their bases loaded; returns their handles. An engine whose
     process is lost (killed, its node gone) is started again by Ray up to `restarts` times, under the same name
     and with an empty slot table: its trials fail with the engine, and Tune's FailureConfig retries each from its
@@ -272,7 +273,7 @@ def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseMode
     engines = [actor.options(name=ENGINE_NAME.format(index=i), namespace=ENGINE_NAMESPACE, num_gpus=gpus_each,
                              num_cpus=cpus_each, max_concurrency=4 * slots + 8,
                              max_restarts=restarts).remote(
-                                 base, slots, max_rank, gradient_checkpointing, *rows)
+                                 base, slots, max_rank, gradient_checkpointing, dequantized_base, *rows)
                for i in range(count)]
     ray.get([engine.free_slots.remote() for engine in engines])  # every base loaded before the first trial
     return engines
@@ -314,7 +315,7 @@ def train_engine_trial(tune_config: dict, training: TrainingConfig, base: BaseMo
             step = result["step"]
             figures = ray.get(engine.figures.remote())
             report = {"evaluation": step // t.eval_steps, "step": step, "tokens": result["tokens"],
-                      "wall_time_s": round(time.time() - started, 2), "peak_memory_mb": figures["engine_peak_memory_mb"],
+                      "wall_time_s": round(time.time() - started, 2), "peak_memory_mib": figures["engine_peak_memory_mib"],
                       "startup_s": startup_s, "trial_in_process": _trials_in_process,
                       "train_seconds": figures["engine_train_seconds"], "retry_note": "",
                       **{key: figures[key] for key in ("engine_startup_s", "engine_pid", "engine_steps",

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import re
 import string
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,12 @@ def _check_values(config: LorasweepConfig) -> None:
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value!r}")
     _check_data(config.data)
+    for pattern in e.regexes_to_ignore:  # compiled only in the evaluation stage, after the whole sweep
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"eval.regexes_to_ignore: {pattern!r} is not a regular expression ({err}); escape "
+                              f"special characters with a backslash") from None
     if t.max_steps % t.eval_steps:
         raise ConfigError(
             f"training.max_steps ({t.max_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "

@@ -90,7 +90,12 @@ def _read_dataset_name(name: str) -> tuple[dict[str, list[dict]], dict[str, str]
 def _read_saved_dataset(path: Path) -> tuple[dict[str, list[dict]], dict[str, str]]:
     from datasets import Dataset, load_from_disk
 
-    loaded = load_from_disk(str(path))
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as err:  # a copied directory missing its arrow files, a newer or damaged state file
+        raise DataError(f"data.dataset_name: the saved dataset {str(path)!r} cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); save it again with "
+                        f"save_to_disk or give the data as files") from None
     if isinstance(loaded, Dataset):
         return {"train": loaded.to_list()}, {"train": str(path)}
     raw = {split: loaded[split].to_list() for split in SPLITS if split in loaded}

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sweeps.config import ConfigError, SweepConfig, coerce_float, training_range_error
 from trainables.lora_presets import TARGET_MODULE_PRESETS
@@ -17,6 +18,9 @@ SEARCHABLE = {f for f in TrainingConfig.__dataclass_fields__}
 INT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("int", int)}
 FLOAT_KEYS = {k for k, f in TrainingConfig.__dataclass_fields__.items() if f.type in ("float", float)}
 _SPEC_KEYS = {"values", "value", "distribution", "min", "max"}
+_HINTS = typing.get_type_hints(TrainingConfig)
+BOOL_KEYS = {k for k, hint in _HINTS.items() if hint is bool}
+CHOICES = {k: typing.get_args(hint) for k, hint in _HINTS.items() if typing.get_origin(hint) is Literal}
 
 
 def parse_parameters(parameters: dict, method: str) -> dict[str, dict]:
@@ -84,6 +88,10 @@ def _check_value(name: str, where: str, value: Any) -> Any:
             raise ConfigError(f"{where}: target-module preset {value!r} is unknown; valid presets: "
                               f"{', '.join(TARGET_MODULE_PRESETS)}")
         return value
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{where}: {value!r} is not a valid {name}; valid: {', '.join(CHOICES[name])}")
+    if name in BOOL_KEYS and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {name} takes true or false, got {value!r}")
     if name in INT_KEYS:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where}: {name} takes integers, got {value!r}")

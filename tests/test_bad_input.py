@@ -56,6 +56,9 @@ def bad_inputs(tmp_path_factory, tiny_data_dir, tiny_model_dir):
         json.dumps({"text": f"what is my balance {i}", "intent": "balance"}) + "\n" for i in range(20))
         for split in ("train", "validation", "test")})
     paths["remote_code"] = _needs_remote_code(root / "remote_code", tiny_model_dir)
+    paths["broken_saved"] = root / "broken_saved"  # a save_to_disk directory copied without its split folders
+    paths["broken_saved"].mkdir()
+    (paths["broken_saved"] / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     not_a_dir = root / "a_file"
     not_a_dir.write_text("x")
     paths["not_a_dir"] = not_a_dir
@@ -154,6 +157,11 @@ CASES = {
     "23 searched dropout": (["sweep.parameters={lora_dropout: {values: [0.1, 1.5]}}"],
                             r"sweep.parameters.lora_dropout.values: lora_dropout must be in \[0, 1\), got 1.5"),
     "23 negative warmup": (["training.warmup_steps=-2"], r"training.warmup_steps: must be 0 or more, got -2"),
+    "23 searched scheduler": (["sweep.parameters={lr_scheduler_type: {values: [cosine, wavy]}}"],
+                              r"lr_scheduler_type.values: 'wavy' is not a valid lr_scheduler_type; valid: linear"),
+    "23 searched flag": (["sweep.parameters={gradient_checkpointing: {values: [maybe]}}"],
+                         r"gradient_checkpointing takes true or false, got 'maybe'"),
+    "23 bad regex": (["eval.regexes_to_ignore=['(a']"], r"eval.regexes_to_ignore: '\(a' is not a regular expression"),
     "23 negative retries": (["resources.max_failures=-1"], r"resources.max_failures: must be 0 or more, got -1"),
     "24 template lone brace": (["data.prompt_template=Q: {text} }"],
                                r"data.prompt_template: 'Q: \{text\} \}' cannot be parsed by str.format \(Single '\}'"),
@@ -163,6 +171,8 @@ CASES = {
     "24 template empty": (["data.prompt_template="], r"data.prompt_template: '' has no \{field\} placeholder"),
     "24 template format spec": (["data.prompt_template=Q: {text:d}"],
                                 r"train.jsonl: row 1: data.prompt_template 'Q: \{text:d\}' cannot render this row"),
+    "12 saved dataset broken": (lambda p: [f"data.dataset_name={p['broken_saved']}"],
+                                r"the saved dataset .*broken_saved' cannot be loaded \(FileNotFoundError"),
     "25 one label": (["data.num_targets=1"], r"data.num_targets: must be 0 \(all labels\) or at least 2, got 1"),
     "25 too few test rows": (["data.max_test_rows=3"], r"data.max_test_rows: must be 0 \(all rows\) or at least 10, got 3"),
     "25 three rows": (lambda p: [f"data.dataset_name={p['three_rows']}"],

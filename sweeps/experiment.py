@@ -1,6 +1,7 @@
 """The experiment directory (`output.dir/output.name`) as one run owns it: an exclusive lock for the whole run,
-and what the experiment was started with (the config, and a fingerprint of the data files and the model it points
-at), which a rerun must match to resume. Every refusal is a ConfigError: exit 2, one line, nothing written."""
+and what the experiment was started with (the config's keys that change results, the base's precision, and a
+fingerprint of the data files and the model it points at), which a rerun must match to resume. Every refusal is a
+ConfigError: exit 2, one line, nothing written."""
 
 from __future__ import annotations
 

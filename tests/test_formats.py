@@ -112,3 +112,20 @@ def test_tokenized_once_per_sweep_not_per_trial(tiny_model_dir, tiny_data_dir, t
     trainer = build_trainer(make_spec(tiny_model_dir), rows["train"], rows["validation"], output_dir=str(tmp_path))
     assert trainer.train_dataset["input_ids"] == [r["input_ids"] for r in rows["train"]]
     assert "prompt" not in trainer.train_dataset.column_names  # no text left for TRL to tokenize again
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_data_error(tiny_model_dir):
+    """Chat templates check conversations themselves (roles that must alternate): their error becomes the project's."""
+    from transformers import AutoTokenizer
+
+    from sweeps.data_loading import DataError, render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+                               "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+                               "{{ m['content'] }}{% endfor %}")
+    config = load_config(None, ["data.format=messages"])
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                        {"role": "assistant", "content": "greeting"}]}
+    with pytest.raises(DataError, match=r"the model's chat template refuses the conversation .*roles must alternate"):
+        render([row], config.data, tokenizer)

@@ -295,7 +295,7 @@ def check_rows(rows: list[dict], where: str, cfg: DataConfig) -> None:
 
 def _check_text(value, at: str, data_format: str) -> None:
     # Numbers are rendered as text (a label 3, an age); null, lists and objects are a wrong column or a broken row.
-    if value is None or isinstance(value, (list, dict)) or not isinstance(value, (str, int, float)):
+    if not isinstance(value, (str, int, float)):
         shown = "null" if value is None else f"a {type(value).__name__} {json.dumps(value, default=str)[:60]}"
         raise DataError(f"{at} is {shown}; data.format={data_format} needs text there: fix the row or remove it")
 
@@ -362,12 +362,12 @@ def _too_few_rows_message(split: str, count: int, before: dict[str, int], origin
     if carved and (split == "train" or split in carved):
         return (f"{head}: {origin['train'].split(' (')[0]} is split by data.validation_fraction="
                 f"{cfg.validation_fraction:g} and data.test_fraction={cfg.test_fraction:g} and needs at least "
-                f"{rows_needed_for_carving(carved, cfg)} rows; add rows, or give data.validation_file and "
+                f"{_rows_needed_for_carving(carved, cfg)} rows; add rows, or give data.validation_file and "
                 f"data.test_file")
     return f"{head}: add rows to it"
 
 
-def rows_needed_for_carving(carved: list[str], cfg: DataConfig) -> int:
+def _rows_needed_for_carving(carved: list[str], cfg: DataConfig) -> int:
     """The fewest rows a training file needs so that the splits carved out of it and what is left for training
     all reach MIN_SPLIT_ROWS (before any label filter)."""
     fractions = {"validation": cfg.validation_fraction, "test": cfg.test_fraction}

@@ -436,3 +436,41 @@ def test_mlflow_server_that_does_not_answer_fails_fast_before_anything_is_writte
     assert err.count("lora_search: error:") == 1
     assert MLFLOW_CHECK_TIMEOUT_S <= seconds < MLFLOW_CHECK_TIMEOUT_S + 30  # the data checks before it take seconds
     assert not (tmp_path / "runs" / "exp").exists()
+
+
+def test_mlflow_server_that_answers_passes_the_check_and_one_that_refuses_is_named():
+    """The check asks the server's REST API as MLflow's client does: an answer passes; an HTTP error is refused
+    with the server's status, and the environment MLflow reads is left as it was."""
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sweeps.config import ConfigError, TrackingConfig
+    from sweeps.trackers import check_mlflow_server
+
+    class Server(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path.startswith("/ok/api/2.0/mlflow/experiments/search")
+            body = b'{"experiments": []}' if ok else b'{"error_code": "UNAUTHENTICATED", "message": "no"}'
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    names = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    environment = {name: os.environ.get(name) for name in names}
+    try:
+        check_mlflow_server(TrackingConfig(mlflow=True, mlflow_tracking_uri=f"{url}/ok"))
+        with pytest.raises(ConfigError, match=rf"the MLflow server at {url}/denied refused the request"):
+            check_mlflow_server(TrackingConfig(mlflow=True, mlflow_tracking_uri=f"{url}/denied"))
+    finally:
+        server.shutdown()
+    assert {name: os.environ.get(name) for name in names} == environment

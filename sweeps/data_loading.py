@@ -451,8 +451,10 @@ def apply_length_policy(split: str, rows: list[dict], max_length: int, policy: s
             f"(longest {max(len(r['input_ids']) for r in long_rows)})")
     if policy == "drop":
         kept = [r for r in rows if len(r["input_ids"]) <= max_length]
-        if not kept:
-            raise DataError(f"{note}; all were dropped (data.length_policy=drop): raise data.max_length")
+        if len(kept) < MIN_SPLIT_ROWS[split]:  # the minimum holds for what the trials and the evaluation get
+            left = (f"{len(kept)} are left, fewer than the {MIN_SPLIT_ROWS[split]} a study needs" if kept
+                    else "all were dropped")
+            raise DataError(f"{note}; {left} (data.length_policy=drop): raise data.max_length")
         return kept, note + ": dropped (data.length_policy=drop)"
     truncated = [{**r, "input_ids": r["input_ids"][:max_length], "completion_mask": r["completion_mask"][:max_length]}
                  for r in rows]

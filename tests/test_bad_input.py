@@ -237,12 +237,17 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, bad_inp
 def test_partial_length_overflow_is_reported_and_dropped():
     from sweeps.data_loading import apply_length_policy
 
-    rows = [{"input_ids": [1] * n, "completion_mask": [0] * (n - 1) + [1]} for n in (4, 9, 12)]
+    from sweeps.data_loading import DataError
+
+    rows = [{"input_ids": [1] * n, "completion_mask": [0] * (n - 1) + [1]} for n in [4] * 16 + [9, 12]]
     kept, note = apply_length_policy("train", rows, 8, "drop")
-    assert [len(r["input_ids"]) for r in kept] == [4]
-    assert note == "2 of 3 train examples are longer than data.max_length=8 tokens (longest 12): dropped (data.length_policy=drop)"
+    assert [len(r["input_ids"]) for r in kept] == [4] * 16
+    assert note == "2 of 18 train examples are longer than data.max_length=8 tokens (longest 12): dropped (data.length_policy=drop)"
     truncated, note = apply_length_policy("train", rows, 8, "truncate")
-    assert [len(r["input_ids"]) for r in truncated] == [4, 8, 8] and "truncated" in note
+    assert [len(r["input_ids"]) for r in truncated] == [4] * 16 + [8, 8] and "truncated" in note
+    # what is left must still reach the minimum
+    with pytest.raises(DataError, match=r"2 of 17 train examples .*; 15 are left, fewer than the 16 a study needs"):
+        apply_length_policy("train", rows[1:], 8, "drop")
 
 
 def test_test_prompts_seen_in_training_are_counted(tiny_model_dir, tiny_data_dir):

@@ -194,15 +194,21 @@ _MAPPING_KEYS = {"sweep.metric", "sweep.early_terminate", "sweep.parameters"}
 
 def load_config(config_path: str | None = None, overrides: list[str] | None = None) -> LorasweepConfig:
     """Defaults, then the YAML file, then `a.b=value` overrides; fails on unknown keys and wrong types."""
-    from sweeps import secrets_check  # here: it imports ConfigError from this module
+    from sweeps import secrets_check
 
     merged = LorasweepConfig().to_dict()
     if config_path:
         loaded = _read_yaml(config_path)
-        secrets_check.check_tree(loaded, source=config_path)  # before any message could repeat a value
+        try:
+            secrets_check.check_tree(loaded, source=config_path)  # before any message could repeat a value
+        except secrets_check.SecretInConfig as err:
+            raise ConfigError(str(err)) from None
         _merge(merged, loaded, prefix="")
     for override in overrides or []:
-        secrets_check.check_argument(override)
+        try:
+            secrets_check.check_argument(override)
+        except secrets_check.SecretInConfig as err:
+            raise ConfigError(str(err)) from None
         key, value = _parse_override(override)
         _merge(merged, _nest(key, value), prefix="")
     if any(merged["data"][f"{split}_file"] for split in ("train", "validation", "test")):

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.config import PROJECT_ROOT, ConfigError, check_tracker_packages, given_keys, load_config  # noqa: E402
-from sweeps.secrets_check import check_argument  # noqa: E402
+from sweeps.secrets_check import SecretInConfig, check_argument  # noqa: E402
 from trainables.model_loading import ModelError  # noqa: E402
 
 SMOKE_OVERRIDES = [
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             check_cheaply(config, plan)
             print_plan(config, plan, given_keys(args.config, smoke_and_user_overrides(args)))
             return 0
-    except (ConfigError, ModelError) as err:
+    except (ConfigError, ModelError, SecretInConfig) as err:
         print(f"lora_search: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,6 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from sweeps.config import ConfigError
 
 # (what it is, its shape, where it belongs instead). The prefixed shapes must not follow a letter or digit, so that
 # a word that merely contains the prefix is not one; the W&B key must stand alone (not inside a path: a 40-hex
@@ -32,6 +31,11 @@ URL_CREDENTIALS = {
     "tracking.mlflow_tracking_uri": "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
     "tracking.optuna_storage": "the database driver's own: PGUSER / PGPASSWORD or ~/.pgpass for PostgreSQL",
 }
+
+
+class SecretInConfig(Exception):
+    """A secret in a config value or argument; the message names where, never the secret. sweeps/config.py turns it
+    into a ConfigError (this module imports nothing of the project, so that config.py can import it)."""
 
 
 def find_secret(text: str, key: str = "") -> tuple[str, str] | None:
@@ -91,7 +95,7 @@ def check_argument(argument: str) -> None:
 def _refuse(where: str, found: tuple[str, str], source: str) -> None:
     what, variable = found
     in_file = f" (in {source})" if source else ""
-    raise ConfigError(f"{where}{in_file}: {what}, which would be saved with the config (config.yaml, Tune's "
+    raise SecretInConfig(f"{where}{in_file}: {what}, which would be saved with the config (config.yaml, Tune's "
                       f"snapshot, report.html) and printed; remove it and give it through the environment "
                       f"({variable})")
 

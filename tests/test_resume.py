@@ -22,11 +22,15 @@ def finished_trial_dirs(tune_dir: Path, evaluations: int) -> list[Path]:
             if (d / "result.json").is_file() and len((d / "result.json").read_text().splitlines()) >= evaluations]
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_model_dir, tiny_data_dir, tmp_path, ray_tmp):
+@pytest.mark.parametrize("engine", ["per_process", "shared"])
+def test_killed_sweep_resumes_without_rerunning_finished_trials(engine, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                 ray_tmp):
+    """Both trial paths: with the shared-base engine, the engine dies with the driver's Ray instance and the
+    resumed sweep starts a new one, into which the unfinished trial comes back from its checkpoint."""
     args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "resume") + [
         "sweep.parameters={learning_rate: {values: [3.0e-2, 2.0e-2, 1.0e-2]}}",
         "sweep.early_terminate={type: none}",  # every trial runs to the end: three full trials expected
-        "eval.merge=false",
+        "eval.merge=false", f"resources.engine={engine}",
     ]
     tune_dir = tmp_path / "resume" / "tune"
     driver = start_lora_search(args, ray_tmp)

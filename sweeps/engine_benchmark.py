@@ -118,44 +118,50 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     if cuda:
         run["mfu"] = round(run["model_tflops"] / peak, 4)
         run["gpu_memory_allocated_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-        run["breakdown"] = profile_step(engine)
+    run["breakdown"] = profile_step(engine)
     return run
 
 
 def profile_step(engine, steps: int = 3) -> dict:
-    """CUDA time per kernel class over a few engine steps, and the step time no kernel covered (Python, launches)."""
+    """One engine step taken apart over a few steps: CPU time per phase (the engine's record_function labels) and
+    the operators that cost the CPU most, with how many operators a step runs; on CUDA also the GPU time per kernel
+    class, the top kernels, and the step time no kernel covered (Python, launches)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     began = time.time()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        sync()
     wall_ms = 1000 * (time.time() - began) / steps
-    classes: dict[str, float] = {}
-    for event in prof.key_averages():
-        cuda_us = event.self_device_time_total
-        if not cuda_us or event.key.startswith(("aten::", "cuda", "Profiler")):
-            continue
-        classes[kernel_class(event.key)] = classes.get(kernel_class(event.key), 0.0) + cuda_us / 1000 / steps
-    busy = sum(classes.values())
-    out = {name: round(ms, 2) for name, ms in sorted(classes.items(), key=lambda kv: -kv[1])}
-    kernels = sorted(((e.self_device_time_total, e.key) for e in prof.key_averages()
-                      if e.self_device_time_total and not e.key.startswith("aten::")), reverse=True)[:8]
-    out.update({f"kernel: {key[:90]}": round(us / 1000 / steps, 2) for us, key in kernels})
-    # Where the CPU's time goes: the step's phases (the engine's record_function labels, CPU time to launch them)
-    # and the operators that cost the CPU most, with how many of them a step runs.
-    for event in prof.key_averages():
-        if event.key.startswith("lorasweep:"):
-            out[f"phase (CPU): {event.key[len('lorasweep: '):]}"] = round(event.cpu_time_total / 1000 / steps, 2)
+    out: dict[str, float] = {}
+    phases: dict[str, float] = {}
+    for event in prof.events():  # the labels' CPU-side ranges (the GPU side of a label is a span, not a kernel)
+        if event.name.startswith("lorasweep:") and event.device_type == DeviceType.CPU:
+            phases[event.name] = phases.get(event.name, 0.0) + event.cpu_time_total / 1000 / steps
+    out.update({f"phase (CPU): {name[len('lorasweep: '):]}": round(ms, 2) for name, ms in phases.items()})
     operators = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    out["operators per step (aten calls)"] = round(sum(e.count for e in operators) / steps)
+    out["operators per step (aten calls, nested ones included)"] = round(sum(e.count for e in operators) / steps)
     for event in sorted(operators, key=lambda e: -e.self_cpu_time_total)[:6]:
         out[f"operator (CPU self): {event.key} x{event.count // steps}"] = round(event.self_cpu_time_total / 1000 / steps, 2)
-    out["gpu busy (sum of kernels)"] = round(busy, 2)
-    out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
+    if cuda:
+        kernels = [e for e in prof.key_averages() if e.self_device_time_total
+                   and not e.key.startswith(("aten::", "cuda", "Profiler", "lorasweep:"))]
+        classes: dict[str, float] = {}
+        for event in kernels:
+            name = kernel_class(event.key)
+            classes[name] = classes.get(name, 0.0) + event.self_device_time_total / 1000 / steps
+        busy = sum(classes.values())
+        out.update({name: round(ms, 2) for name, ms in sorted(classes.items(), key=lambda kv: -kv[1])})
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+        out.update({f"kernel: {e.key[:90]}": round(e.self_device_time_total / 1000 / steps, 2) for e in top})
+        out["gpu busy (sum of kernels)"] = round(busy, 2)
+        out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
     out["step wall (profiled)"] = round(wall_ms, 2)
     return out
 

@@ -3,6 +3,7 @@ learning rates, schedules, dropouts and accumulation matches the same adapter tr
 matches PEFT + torch.optim.AdamW + clip_grad_norm_ + transformers' schedule step by step; a diverging neighbour
 fails alone; the saved adapter is a PEFT adapter that scores as the engine does; a checkpoint resumes exactly."""
 
+import json
 import math
 
 import pytest
@@ -248,15 +249,24 @@ def test_a_base_dequantized_once_trains_as_the_4bit_base_does(tiny_model_dir, ro
     assert engines[0].evaluate(1) == pytest.approx(engines[1].evaluate(1), rel=1e-4)
 
 
-def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys):
+def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys,
+                                                                                 tmp_path):
     from sweeps.engine_benchmark import kernel_class, main
 
+    figures = tmp_path / "figures.json"
     assert main(["--model", str(tiny_model_dir), "--slots", "1", "3", "--steps", "2", f"data.dataset_name={tiny_data_dir}",
-                 "data.num_targets=0", "training.per_device_train_batch_size=4"]) == 0
+                 "data.num_targets=0", "training.per_device_train_batch_size=4", "--json", str(figures)]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")
             or line.startswith("| 3 |")]
     tokens_per_step = [int(row[3].replace(",", "")) for row in rows]
     assert len(rows) == 2 and tokens_per_step[1] > 2 * tokens_per_step[0] > 0
+    # Each step taken apart: CPU time in each of the engine's phases, and how many operators a step runs.
+    for run in json.loads(figures.read_text())["runs"]:
+        phases = {k: v for k, v in run["breakdown"].items() if k.startswith("phase (CPU): ")}
+        assert set(phases) == {f"phase (CPU): {p}" for p in ("batch layout", "forward and loss", "backward", "optimizer")}
+        assert all(ms > 0 for ms in phases.values())
+        assert sum(phases.values()) <= 1.05 * run["breakdown"]["step wall (profiled)"]
+        assert run["breakdown"]["operators per step (aten calls, nested ones included)"] > 100
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
     assert kernel_class("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_ffma") == "matmul fp32"
     assert kernel_class("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention (fp32)"

@@ -114,14 +114,15 @@ class ResourcesConfig:
     # How often a trial is retried from its last checkpoint after its node or worker process is lost.
     max_failures: int = 2
     # How trials run: "per_process", each trial a TRL SFTTrainer in its own Ray worker with its own copy of the
-    # base (the reference path); or "shared", one engine per GPU holding the base once and training the adapters
-    # of all its trials together (trainables/engine.py), the trials being thin clients of it.
-    engine: Literal["per_process", "shared"] = "per_process"
+    # base (the reference path); "shared", one engine per GPU holding the base once and training the adapters of
+    # all its trials together (trainables/engine.py), the trials being thin clients of it; "auto", shared on a
+    # cluster with GPUs (measured faster there at equal exact match, BENCHMARKS.md), per_process without.
+    engine: Literal["auto", "per_process", "shared"] = "auto"
     # With engine=shared: the adapters one engine trains at once (0: max_concurrent_trials spread over the GPUs).
     engine_slots: int = 0
     # With engine=shared and a 4-bit base: the engine dequantizes the NF4 weights once to bf16 and trains on those,
     # the same numbers bitsandbytes dequantizes to before every matmul, for 4x the base's 4-bit memory (one copy per
-    # GPU). Engine steps measured 1.9-2.5x faster on an H200 (BENCHMARKS.md). false: dequantize in every matmul.
+    # GPU). Engine steps measured 1.5-2.5x faster on an H200 (BENCHMARKS.md). false: dequantize in every matmul.
     engine_dequantize_base: bool = True
 
 

@@ -283,3 +283,12 @@ def test_dry_run_asks_the_mlflow_server(tmp_path, tiny_model_dir, tiny_data_dir,
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert f"the MLflow server at {uri} did not answer within {MLFLOW_CHECK_TIMEOUT_S} s" in err
+
+
+def test_auto_engine_is_the_shared_engine_on_gpus_and_per_process_trials_without():
+    from sweeps.lora_search import choose_engine
+
+    assert LorasweepConfig().resources.engine == "auto"
+    assert choose_engine("auto", cluster_gpus=2) == "shared" and choose_engine("auto", cluster_gpus=0) == "per_process"
+    assert choose_engine("per_process", cluster_gpus=2) == "per_process"
+    assert choose_engine("shared", cluster_gpus=0) == "shared"

@@ -11,7 +11,7 @@ from typing import Callable
 from sweeps.config import ConfigError, ResourcesConfig
 from sweeps.search_space import SweepPlan
 from trainables.lora_presets import target_modules_for
-from trainables.memory_estimate import TrialMemory, estimate_trial_memory
+from trainables.memory_estimate import TrialMemory, estimate_engine_memory, estimate_trial_memory
 from trainables.trial_spec import TrainingConfig
 
 # Leave a tenth of the GPU for what the estimate cannot see (other processes, the evaluation stage's start).
@@ -51,6 +51,32 @@ def choose_gpus_per_trial(resources: ResourcesConfig, largest_trial: Callable[[]
     return math.floor(10_000 / per_gpu) / 10_000, why
 
 
+def engine_fits(memory: TrialMemory) -> tuple[bool, str]:
+    """(whether a shared-base engine of that estimated memory fits the cluster's smallest GPU, a line saying so).
+    Needs a running Ray cluster with a GPU."""
+    import ray
+
+    gpu_mib = ray.get(ray.remote(num_cpus=0, num_gpus=0.0001)(_smallest_gpu_memory_mib).remote())
+    fits = memory.total_mib <= gpu_mib * USABLE_GPU_FRACTION
+    return fits, (f"the engine needs about {memory.total_mib:,.0f} MiB (estimate: base {memory.base_mib:,.0f}, "
+                  f"adapter slots {memory.adapter_mib:,.0f}, activations {memory.activations_mib:,.0f}) of "
+                  f"{gpu_mib:,} MiB")
+
+
+def largest_engine_memory(plan: SweepPlan, training: TrainingConfig, model_dir: str, precision: str,
+                          dequantized_base: bool, slots: int, mean_row: float,
+                          trust_remote_code: bool = False) -> TrialMemory:
+    """The estimate for an engine whose every slot holds the search space's largest micro-batch of rows of the mean
+    length: a step whose rows are longer than that and runs out of memory is retried in pieces by the engine (the
+    same effective batch), whereas the base and the adapter slots must fit."""
+    return estimate_engine_memory(
+        model_dir, precision, dequantized_base, slots, max_rank=max(plan.values("lora_r", training.lora_r)),
+        batch_size=max(plan.values("per_device_train_batch_size", training.per_device_train_batch_size)),
+        seq_len=round(mean_row),
+        gradient_checkpointing=all(plan.values("gradient_checkpointing", training.gradient_checkpointing)),
+        trust_remote_code=trust_remote_code)
+
+
 def check_cpus_fit(resources: ResourcesConfig, trial_gpus: float, eval_gpus: float) -> None:
     """Fail before the sweep when a trial's or the evaluation stage's CPUs, with its GPUs, fit on no node of the
     Ray cluster: Ray would keep it pending forever. Needs a running Ray cluster."""
@@ -69,6 +95,11 @@ def check_cpus_fit(resources: ResourcesConfig, trial_gpus: float, eval_gpus: flo
 def longest_row_tokens(splits: dict[str, list[dict]]) -> int:
     """Tokens in the longest training or validation row: the widest batch a trial can meet."""
     return max(len(row["input_ids"]) for name in ("train", "validation") for row in splits[name])
+
+
+def mean_row_tokens(splits: dict[str, list[dict]]) -> float:
+    """Tokens in a training row, on average: what an engine slot's packed micro-batch holds per row."""
+    return sum(len(row["input_ids"]) for row in splits["train"]) / max(1, len(splits["train"]))
 
 
 def largest_trial_memory(plan: SweepPlan, training: TrainingConfig, model_dir: str, precision: str,

@@ -182,7 +182,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     from eval.outcomes import evaluation_candidates
     from eval.report import write_report
     from eval.stage import run_evaluation_stage
-    from sweeps.gpu_share import check_cpus_fit, choose_gpus_per_trial, largest_trial_memory, longest_row_tokens
+    from sweeps.gpu_share import (check_cpus_fit, choose_gpus_per_trial, engine_fits, largest_engine_memory,
+                                  largest_trial_memory, longest_row_tokens, mean_row_tokens)
     from sweeps.trackers import log_generations_to_wandb
     from sweeps.tuner import build_trainable, run_sweep, trial_records
     from eval.model_card import StudyFacts, base_reference
@@ -191,7 +192,21 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
 
     experiment_dir = experiment.dir
     model, training = config.model, config.training
-    engine = choose_engine(config.resources.engine, ray.cluster_resources().get("GPU", 0))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    engine = choose_engine(config.resources.engine, cluster_gpus)
+    if engine == "shared" and cluster_gpus >= 1:
+        gpu_precision, _ = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=True)
+        fits, why = engine_fits(largest_engine_memory(
+            plan, training, model_dir, gpu_precision, config.resources.engine_dequantize_base,
+            engine_slot_count(config.resources, plan, cluster_gpus), mean_row_tokens(splits),
+            model.trust_remote_code))
+        if not fits and config.resources.engine == "shared":
+            raise ConfigError(f"resources.engine=shared: {why}; lower sweep.max_concurrent_trials (or "
+                              f"resources.engine_slots), training.per_device_train_batch_size or the searched "
+                              f"lora_r, or use resources.engine=per_process")
+        if not fits:  # auto: per-process trials, whose GPU share is sized from their own memory
+            print(f"[lorasweep] trials: per-process, not the shared-base engine: {why}", flush=True)
+            engine = "per_process"
     shared = engine == "shared"
     if shared:
         gpus = 0.0  # the engines hold the GPUs; the trials are their clients
@@ -283,10 +298,16 @@ def choose_engine(setting: str, cluster_gpus: float) -> str:
     return "shared" if cluster_gpus >= 1 else "per_process"
 
 
+def engine_slot_count(resources, plan, cluster_gpus: float) -> int:
+    """Adapters one engine trains at once: resources.engine_slots, or the concurrent trials spread over the GPUs."""
+    import math
+
+    return resources.engine_slots or math.ceil(plan.max_concurrent_trials / max(1, int(cluster_gpus)))
+
+
 def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     """One engine per GPU (one on a cluster without GPUs), each with enough slots for its share of the concurrent
     trials; returns (engine handles, the trial function, the Tune callbacks, GPUs per engine)."""
-    import math
 
     import ray
     from ray import tune
@@ -297,7 +318,7 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     resources = config.resources
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
     count = max(1, cluster_gpus)
-    slots = resources.engine_slots or math.ceil(plan.max_concurrent_trials / count)
+    slots = engine_slot_count(resources, plan, cluster_gpus)
     max_rank = max(plan.values("lora_r", config.training.lora_r))
     gpus_each = 1.0 if cluster_gpus else 0.0
     print(f"[lorasweep] trials: {path_line}; shared-base engine: {count} engine(s) x {slots} adapter slots "

@@ -286,6 +286,7 @@ def test_dry_run_asks_the_mlflow_server(tmp_path, tiny_model_dir, tiny_data_dir,
 
 
 def test_auto_engine_is_the_shared_engine_on_gpus_and_per_process_trials_without():
+    from sweeps.config import LorasweepConfig
     from sweeps.lora_search import choose_engine
 
     assert LorasweepConfig().resources.engine == "auto"

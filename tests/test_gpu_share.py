@@ -47,3 +47,21 @@ def test_the_gpu_share_is_sized_for_the_largest_corner_of_the_search_space(smoll
     corner = estimate_trial_memory(smollm2_shape, "4bit", 64, "all-linear", config.training.per_device_train_batch_size,
                                    config.training.per_device_eval_batch_size, 50, False)
     assert largest.total_mib == pytest.approx(corner.total_mib)
+
+
+@pytest.mark.parametrize("shape, slots, batch, measured_mib", [
+    # Allocator peaks of the engine with every slot busy, one H200, 2026-12-02 (BENCHMARKS.md, the engine's step).
+    ("smollm2-135m", 16, 32, 20_661),
+    ("llama-3-8b", 8, 16, 66_818),
+])
+def test_the_engine_estimate_covers_the_measured_peak_without_doubling_it(shape, slots, batch, measured_mib, tmp_path):
+    from sweeps.benchmark import SHAPES
+    from trainables.memory_estimate import estimate_engine_memory
+
+    LlamaConfig(vocab_size=49152, **SHAPES[shape]).save_pretrained(tmp_path)
+    # ~20 tokens per CLINC150 row with the SmolLM2 tokenizer; rank up to 64 (gpu.yaml's space), base dequantized once.
+    estimate = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False)
+    assert measured_mib <= estimate.total_mib <= 2 * measured_mib
+    # More slots or a 4-bit base kept in 4 bits move it the right way.
+    assert estimate_engine_memory(str(tmp_path), "4bit", True, 2 * slots, 64, batch, 20, False).total_mib > estimate.total_mib
+    assert estimate_engine_memory(str(tmp_path), "4bit", False, slots, 64, batch, 20, False).base_mib < estimate.base_mib

@@ -157,6 +157,8 @@ def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows:
     facts = CardFacts(study=study, trial_id=winner, params=winning.get("params", {}), steps=winning.get("steps"),
                       results=results, options=options, example=test_rows[0],
                       selection=tuple(describe_selection(selection, results)))
+    print(f"[lorasweep] merging {winner} into the base: best_adapter/, merged_model/, then the merge check on "
+          f"{min(len(test_rows), options.merge_check_prompts)} held-out prompts", flush=True)
     try:
         outcome["merge_check"] = merge_and_check(base, winning["checkpoint_dir"], experiment, facts,
                                                  test_rows[: options.merge_check_prompts], options)

@@ -95,7 +95,7 @@ class MultiLoraLinear(nn.Module):
         if routing.index is None:
             return result
         if self.training and routing.any_dropout:
-            x = self._dropout(x, routing.index)
+            x = self._dropout(x)
         # Few kernels per module, since a small model's step is bound by launches: the adapters are views of the
         # step's slots (Routing.pick), the scale rides on the [rows, L, R] product (the smallest one), and on CUDA
         # the bf16 casts are those of the engine's autocast (as the per-process path's bf16 autocast runs the LoRA
@@ -107,7 +107,7 @@ class MultiLoraLinear(nn.Module):
         lora = torch.bmm(hidden, b.transpose(1, 2))
         return result + (lora if x.is_cuda else lora.to(result.dtype))
 
-    def _dropout(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _dropout(self, rows: torch.Tensor) -> torch.Tensor:
         p = self.routing.pick(self.routing.dropout).view(-1, 1, 1)
         if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -181,7 +182,6 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     from eval.leaderboard import build_rows, write_leaderboard
     from eval.outcomes import evaluation_candidates
     from eval.report import write_report
-    from eval.stage import run_evaluation_stage
     from sweeps.gpu_share import (check_cpus_fit, choose_gpus_per_trial, engine_fits, largest_engine_memory,
                                   largest_trial_memory, longest_row_tokens, mean_row_tokens)
     from sweeps.trackers import log_generations_to_wandb
@@ -267,14 +267,14 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
 
     print(f"[lorasweep] evaluation stage: base model and {len(candidates)} trial(s) on "
           f"{len(splits['test'])} held-out prompts", flush=True)
-    stage = ray.remote(run_evaluation_stage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cuda else 0)
+    stage = ray.remote(EvaluationStage).options(num_cpus=config.resources.eval_cpus, num_gpus=1 if cuda else 0).remote()
     sections = config.to_dict()
     study = StudyFacts(study=config.output.name, base=base_reference(model.model_name_or_path, model.trust_remote_code),
                        precision=precision, data=sections["data"], rows={s: len(rows) for s, rows in splits.items()},
                        training=sections["training"])  # what the model cards say beside the winner's figures
-    outcome = get_or_cancel(stage.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"],
-                                                 "params": c["params"], "steps": c["steps"]} for c in candidates],
-                                         splits["test"], config.eval, str(experiment_dir), study))
+    outcome = get_or_stop(stage, stage.run.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"],
+                                                          "params": c["params"], "steps": c["steps"]} for c in candidates],
+                                                  splits["test"], config.eval, str(experiment_dir), study), experiment_dir)
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)
@@ -335,16 +335,32 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     return engines, trainable, [ReleaseEngineSlots(names)], gpus_each
 
 
-def get_or_cancel(ref):
-    """ray.get, and on Ctrl-C the task is cancelled (a KeyboardInterrupt inside it, so that its atomic writes remove
-    their temporary files) and given a moment to end before Ray is shut down."""
+class EvaluationStage:
+    """The evaluation stage's process: an actor rather than a task so that Ctrl-C ends it with ray.kill. ray.cancel
+    on a task that is ending by itself at that moment (a terminal's Ctrl-C reaches it too) can crash the driver's Ray
+    core worker ("Check failed: it != submissible_tasks_.end()", ray-project/ray#54846): seen in the Ctrl-C test."""
+
+    def run(self, *args) -> dict:
+        from eval.stage import run_evaluation_stage
+
+        return run_evaluation_stage(*args)
+
+
+def get_or_stop(stage, ref, experiment_dir: Path):
+    """ray.get, and on Ctrl-C the stage's process is ended and the half-written `*.partial` files it may have left
+    are removed (the finished ones were renamed into place whole)."""
     import ray
 
     try:
         return ray.get(ref)
     except KeyboardInterrupt:
-        ray.cancel(ref)
-        ray.wait([ref], timeout=30)
+        ray.kill(stage, no_restart=True)
+        ray.wait([ref], timeout=30)  # resolves (to an error) once the process is gone and writes nothing more
+        for partial in experiment_dir.rglob("*.partial"):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
         raise
 
 

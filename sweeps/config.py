@@ -124,6 +124,10 @@ class ResourcesConfig:
     # the same numbers bitsandbytes dequantizes to before every matmul, for 4x the base's 4-bit memory (one copy per
     # GPU). Engine steps measured 1.5-2.5x faster on an H200 (BENCHMARKS.md). false: dequantize in every matmul.
     engine_dequantize_base: bool = True
+    # With engine=shared on CUDA: each decoder layer compiled with torch.compile (Inductor), forward and backward, to
+    # cut the operators the CPU launches per step (the small model's engine step is launch-bound, BENCHMARKS.md).
+    # Off by default until measured on a GPU; compiling takes a while when the engine starts.
+    engine_compile: bool = False
 
 
 @dataclass

@@ -31,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--dequantized-base", action="store_true",
                         help="the engine's 4-bit base linears dequantized once to bf16 (trainables/engine.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the engine's decoder layers compiled with torch.compile (trainables/engine.py)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    figures = measure(config, args.model, args.slots, args.steps, args.dequantized_base)
+    figures = measure(config, args.model, args.slots, args.steps, args.dequantized_base, args.compile)
     print(render(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
-            dequantized_base: bool = False) -> dict:
+            dequantized_base: bool = False, compiled: bool = False) -> dict:
     import torch
 
     from sweeps.benchmark import linear_parameters_of, matmul_rate, prepared_data
@@ -64,7 +66,8 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
     peak = matmul_rate() if cuda else None
     results = []
     for count in slot_counts:
-        engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base)
+        engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base,
+                            compile_backend="inductor" if compiled else None)
         for training in adapters_of_the_space(config, plan, count):
             engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
         results.append(time_steps(engine, steps, peak, linear_parameters_of(model_dir)))
@@ -73,6 +76,8 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
             torch.cuda.empty_cache()
     if dequantized_base:
         path += ", base dequantized once to bf16"
+    if compiled:
+        path += ", decoder layers compiled"
     return {"model": base.model_dir, "path": path, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "bf16_matmul_tflops": peak, "batch": config.training.per_device_train_batch_size,
             "date": time.strftime("%Y-%m-%d"), "runs": results}
@@ -96,11 +101,13 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    for _ in range(3):  # warm-up: allocator, kernels' first launches
+    began = time.time()
+    for _ in range(3):  # warm-up: allocator, kernels' first launches, compilation (a static, then a dynamic variant)
         engine.step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warm_up_seconds = time.time() - began
     tokens_before = sum(a.tokens_seen for a in engine.adapters.values())
     began = time.time()
     for _ in range(steps):
@@ -112,6 +119,7 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     tokens = sum(a.tokens_seen for a in engine.adapters.values()) - tokens_before
     rate = tokens / seconds
     run = {"slots": len(engine.adapters), "step_ms": round(1000 * seconds / steps, 1),
+           "warm_up_s (3 steps)": round(warm_up_seconds, 1),
            "tokens_per_step": round(tokens / steps), "tokens_per_s": round(rate),
            # Forward plus the input-gradient backward: 4 FLOPs per parameter and token (no weight gradients).
            "model_tflops": round(4 * parameters * rate / 1e12, 2)}

@@ -325,7 +325,8 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
           f"(rank up to {max_rank}), {gpus_each:g} GPU each; the trials are their clients", flush=True)
     engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
                             config.training.gradient_checkpointing, splits["train"], splits["validation"],
-                            restarts=resources.max_failures, dequantized_base=resources.engine_dequantize_base)
+                            restarts=resources.max_failures, dequantized_base=resources.engine_dequantize_base,
+                            compile_layers=resources.engine_compile)
     names = [ENGINE_NAME.format(index=i) for i in range(count)]
     trainable = tune.with_resources(
         tune.with_parameters(train_engine_trial, training=config.training, base=base,

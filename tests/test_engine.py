@@ -3,6 +3,7 @@ learning rates, schedules, dropouts and accumulation matches the same adapter tr
 matches PEFT + torch.optim.AdamW + clip_grad_norm_ + transformers' schedule step by step; a diverging neighbour
 fails alone; the saved adapter is a PEFT adapter that scores as the engine does; a checkpoint resumes exactly."""
 
+import dataclasses
 import json
 import math
 
@@ -247,6 +248,46 @@ def test_a_base_dequantized_once_trains_as_the_4bit_base_does(tiny_model_dir, ro
     for slot in (0, 1):
         assert four_bit[slot] == pytest.approx(dequantized[slot], rel=1e-4)
     assert engines[0].evaluate(1) == pytest.approx(engines[1].evaluate(1), rel=1e-4)
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_model_dir, rows, tmp_path):
+    """resources.engine_compile: the decoder layers under torch.compile train and evaluate as the eager ones, with
+    slots leaving as their adapters finish (3, 2, then 1 per step: dynamic shapes), dropout, and no graph breaks.
+    The backend here is AOTAutograd without code generation: the graphs Dynamo and AOTAutograd capture, forward
+    and backward, are those Inductor compiles on CUDA; the device-generator dropout is CUDA's path."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    # Four layers rather than the tiny model's two: the layers after the first must share their compiled code.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)
+    base = BaseModelSpec(model_dir=str(tmp_path), precision="bf16", device="cpu")
+    adapters = [SUBJECT, NEIGHBOURS[0], dataclasses.replace(NEIGHBOURS[2], max_steps=8)]
+    results = []
+    for backend in (None, "aot_eager"):
+        torch._dynamo.reset()
+        counters.clear()
+        engine = LoraEngine(base, slots=3, max_rank=MAX_RANK, compile_backend=backend)
+        engine.model.float()
+        engine.routing.exact_dropout = False
+        for index, config in enumerate(adapters):
+            engine.add(f"a{index}", config, rows["train"], rows["validation"])
+        torch.manual_seed(0)
+        results.append((train(engine), engine.evaluate_many([0, 1, 2])))
+    compiled_graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    (eager_losses, eager_eval), (compiled_losses, compiled_eval) = results
+    assert [len(eager_losses[s]) for s in range(3)] == [12, 4, 8]  # micro-batches: the slots left one by one
+    for slot in range(3):
+        assert compiled_losses[slot] == pytest.approx(eager_losses[slot], rel=1e-5)
+        assert compiled_eval[slot] == pytest.approx(eager_eval[slot], rel=1e-5)
+    # Compiled variants: the first layer's input without a gradient and the others' with, dropout on and off, one
+    # slot and several, static then dynamic shapes; not one per layer, module or slot range.
+    assert 0 < compiled_graphs <= 8 and breaks == 0  # 6 measured; 12 when each layer compiled its own
 
 
 def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys,

@@ -66,11 +66,15 @@ def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_da
     assert Steps.seen == [(big // 2, 2), (big // 2, 2)]
 
 
-def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contains_a_divergence(tiny_model_dir,
+@pytest.mark.parametrize("options", [{}, {"dequantized_base": True},
+                                     {"dequantized_base": True, "compile_backend": "inductor"}],
+                         ids=["4bit-per-matmul", "dequantized-once", "compiled-layers"])
+def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contains_a_divergence(options, tiny_model_dir,
                                                                                               tiny_data_dir):
-    """The shared-base engine's CUDA path (4-bit NF4 base, batched LoRA): the subject's losses beside three
-    neighbours match its losses alone within bf16 noise (no dropout: CUDA masks come from the CUDA generator), and
-    a neighbour whose learning rate blows up fails without touching it."""
+    """The shared-base engine's CUDA path (4-bit NF4 base, batched LoRA; also dequantized once, and with the decoder
+    layers compiled by Inductor): the subject's losses beside three neighbours match its losses alone within bf16
+    noise (no dropout: CUDA masks come from the CUDA generator), and a neighbour whose learning rate blows up fails
+    without touching it."""
     from test_engine import NEIGHBOURS, SUBJECT, train
 
     from trainables.engine import LoraEngine
@@ -79,14 +83,14 @@ def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contain
     rows = tokenized_rows(tiny_model_dir, tiny_data_dir)
     base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="4bit", device="cuda")
     subject = TrainingConfig(**{**SUBJECT.__dict__, "lora_dropout": 0.0})
-    together = LoraEngine(base, slots=4, max_rank=16)
+    together = LoraEngine(base, slots=4, max_rank=16, **options)
     together.add("n1", TrainingConfig(**{**NEIGHBOURS[0].__dict__, "learning_rate": 1e30}), rows["train"],
                  rows["validation"])
     slot = together.add("subject", subject, rows["train"], rows["validation"])
     for config in NEIGHBOURS[1:]:
         together.add(f"n{config.seed}", config, rows["train"], rows["validation"])
     losses = train(together)
-    alone = LoraEngine(base, slots=1, max_rank=16)
+    alone = LoraEngine(base, slots=1, max_rank=16, **options)
     alone.add("subject", subject, rows["train"], rows["validation"])
     assert losses[slot] == pytest.approx(train(alone)[0], rel=2e-2)
     assert together.adapters[0].failure and together.adapters[slot].failure is None

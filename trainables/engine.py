@@ -58,7 +58,7 @@ class LoraEngine:
     """A frozen base with `slots` adapter slots of rank up to `max_rank`."""
 
     def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool = False,
-                 dequantized_base: bool = False):
+                 dequantized_base: bool = False, compile_backend: str | None = None):
         from trainables.model_loading import load_base_for_training
 
         self.base_spec = base
@@ -74,6 +74,8 @@ class LoraEngine:
         # vocabulary in fp32), and the loss reads only those positions. Used where the model's logits are its head
         # applied to its decoder's last hidden state, as checked here (models that scale or cap logits are not).
         self.head_alone = _head_alone_gives_the_logits(self.model)
+        if compile_backend:
+            compile_decoder_layers(self.model, self.routing, compile_backend, gradient_checkpointing)
         self.max_rank = max_rank
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
@@ -280,6 +282,7 @@ class LoraEngine:
         return self.evaluate_many([slot])[slot]
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def evaluate_many(self, slots: list[int]) -> dict[int, float]:
         """evaluate() for several adapters at once: one forward per evaluation batch for all of them, each adapter's
         batch in its own row (adapters reaching an evaluation together, as a study's do, share the passes)."""
@@ -376,6 +379,26 @@ class LoraEngine:
         adapter.step, adapter.order, adapter.cursor = state["step"], state["order"], state["cursor"]
         adapter.epoch, adapter.tokens_seen = state["epoch"], state["tokens_seen"]
         adapter.generator.set_state(state["generator"])
+
+
+def compile_decoder_layers(model, routing, backend: str, gradient_checkpointing: bool) -> int:
+    """torch.compile each decoder layer for training steps: in eager mode a small model's step is bound by the CPU
+    launching ~40k operators (BENCHMARKS.md); compiled, a layer's elementwise work (casts, norms, rotary, the LoRA
+    scales and sums) runs as a few fused kernels, forward and backward. Dynamic shapes: the number of slots in a
+    step and the rows' width change from step to step. Evaluation runs the layers eagerly (LoraEngine.evaluate_many):
+    one compiled variant less to build, for a small share of the time. Returns the number of layers compiled."""
+    if gradient_checkpointing:  # the checkpointed layer re-runs its forward in the backward, outside the graph
+        return 0
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        return 0
+    # The variants a study meets: the first layer's input needs no gradient (the others' do), with and without
+    # dropout, one slot or several, each first with static then with dynamic shapes.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    routing.views = False
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=True)
+    return len(layers)
 
 
 class DequantizedLinear(torch.nn.Module):

@@ -42,12 +42,15 @@ class Routing:
     rows: slice | None = None
     step_scales: torch.Tensor | None = None  # [modules, rows, 1, 1]
     any_dropout: bool = False
+    # Consecutive slots as views (fewer kernels in eager mode). Off when the decoder layers are compiled: the slice's
+    # bounds would be constants of the compiled code, recompiled for every new range; a gather index is an input.
+    views: bool = True
 
     def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool) -> None:
         self.dropout_keys = dropout_keys
         self.index = torch.tensor(slots, device=device)
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if consecutive else None
+        self.rows = slice(slots[0], slots[0] + len(slots)) if consecutive and self.views else None
         self.step_scales = self.pick(self.scales, dim=1)[:, :, None, None]
         self.any_dropout = any_dropout and dropout_keys is not None
 
@@ -72,6 +75,9 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.module_index = module_index  # keys this module's dropout masks and its row of routing.scales
+        # The same index as a tensor, to read the module's scales with: a compiled layer holds an integer attribute
+        # as a constant, which would compile the layer again for every layer.
+        self.register_buffer("scale_row", torch.tensor([module_index], device=base.weight.device), persistent=False)
         self.in_features, self.out_features = base.in_features, base.out_features
         device = base.weight.device
         # fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base.
@@ -103,7 +109,7 @@ class MultiLoraLinear(nn.Module):
         a, b = routing.pick(self.lora_A), routing.pick(self.lora_B)
         if not x.is_cuda:
             x = x.float()
-        hidden = torch.bmm(x, a.transpose(1, 2)) * routing.step_scales[self.module_index]
+        hidden = torch.bmm(x, a.transpose(1, 2)) * routing.step_scales.index_select(0, self.scale_row)[0]
         lora = torch.bmm(hidden, b.transpose(1, 2))
         return result + (lora if x.is_cuda else lora.to(result.dtype))
 

@@ -70,8 +70,8 @@ def evaluate_candidates(base: BaseModelSpec, candidates: list[dict], test_rows: 
 
 
 def progress_bar(total: int, desc: str):
-    """tqdm in a plain process; inside a Ray task, Ray's tqdm, which the driver draws as one live bar instead of a
-    scroll of carriage-return lines from the task's captured output."""
+    """tqdm in a plain process; inside a Ray worker (a task or an actor), Ray's tqdm, which the driver draws as one
+    live bar instead of a scroll of carriage-return lines from the worker's captured output."""
     import ray
 
     if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
@@ -144,7 +144,7 @@ def merge_and_check(base: BaseModelSpec, adapter_dir: str, experiment_dir: Path,
 
 def run_evaluation_stage(base: BaseModelSpec, candidates: list[dict], test_rows: list[dict], options: EvalConfig,
                          experiment_dir: str, study: StudyFacts) -> dict:
-    """Score, choose, merge, check: everything after the sweep, in one process (a Ray task on a GPU node)."""
+    """Score, choose, merge, check: everything after the sweep, in one process (a Ray actor on a GPU node)."""
     experiment = Path(experiment_dir)
     results, generations = evaluate_candidates(base, candidates, test_rows, options, experiment)
     selection = select_winner(results, generations, options.select_by)

@@ -109,7 +109,7 @@ class ResourcesConfig:
     # Ray Tune runs a new trial in the finished trial's worker process, which keeps its imports and the loaded
     # (4-bit) base model: a later trial starts in a second or two instead of loading everything again.
     reuse_actors: bool = True
-    # The evaluation stage runs as one Ray task after the sweep, when the trials' CPUs are free again.
+    # The evaluation stage runs in one Ray actor process after the sweep, when the trials' CPUs are free again.
     eval_cpus: float = 2.0
     # How often a trial is retried from its last checkpoint after its node or worker process is lost.
     max_failures: int = 2

@@ -272,9 +272,10 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     study = StudyFacts(study=config.output.name, base=base_reference(model.model_name_or_path, model.trust_remote_code),
                        precision=precision, data=sections["data"], rows={s: len(rows) for s, rows in splits.items()},
                        training=sections["training"])  # what the model cards say beside the winner's figures
-    outcome = get_or_stop(stage, stage.run.remote(base, [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"],
-                                                          "params": c["params"], "steps": c["steps"]} for c in candidates],
-                                                  splits["test"], config.eval, str(experiment_dir), study), experiment_dir)
+    stage_candidates = [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"], "params": c["params"],
+                         "steps": c["steps"]} for c in candidates]
+    outcome = get_or_stop(stage, stage.run.remote(base, stage_candidates, splits["test"], config.eval,
+                                                  str(experiment_dir), study), experiment_dir)
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)

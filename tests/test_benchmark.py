@@ -56,3 +56,28 @@ def test_both_ways_run_the_same_study_and_the_table_compares_them(tiny_model_dir
     # The comparison line follows the measured times, whichever way they went.
     assert speed_line(figures["baseline"], figures["lorasweep"]) in table
     assert speed_line(figures["lorasweep"], figures["engine"]) in table
+
+
+def test_the_sampler_benchmark_runs_each_sampler_over_the_budget_on_the_engine(tiny_model_dir, tiny_data_dir,
+                                                                               tmp_path, capsys):
+    """Every sampler's studies train their whole budget for real (finite held-out losses), and the table has a row
+    per sampler."""
+    from sweeps.sampler_benchmark import SAMPLERS, main
+
+    figures = tmp_path / "samplers.json"
+    assert main(["--budget", "5", "--in-flight", "2", "--seeds", "2", "--json", str(figures),
+                 f"model.model_name_or_path={tiny_model_dir}", f"data.dataset_name={tiny_data_dir}",
+                 "data.num_targets=0", "training.max_steps=4", "training.eval_steps=2",
+                 "training.per_device_train_batch_size=4"]) == 0
+    studies = json.loads(figures.read_text())["studies"]
+    assert sorted((s["sampler"], s["seed"]) for s in studies) == sorted((n, seed) for n in SAMPLERS for seed in (0, 1))
+    assert all(s["completed"] == 5 and math.isfinite(s["best_eval_loss"]) for s in studies)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " of 2 |" in line]
+    assert [line.split(" | ")[0][2:] for line in table] == list(SAMPLERS)
+
+
+def test_the_sampler_benchmark_refuses_a_bad_config_in_one_line(capsys):
+    from sweeps.sampler_benchmark import main
+
+    assert main(["training.max_steps=3", "training.eval_steps=8"]) == 2
+    assert capsys.readouterr().err.startswith("sampler_benchmark: error: training.max_steps (3)")

@@ -186,8 +186,6 @@ def kernel_class(name: str) -> str:
         return "matmul bf16" if "bf16" in lowered else "matmul fp32"
     if "softmax" in lowered or "cross_entropy" in lowered or "nll" in lowered:
         return "loss (softmax, cross-entropy)"
-    if "foreach" in lowered or "multi_tensor" in lowered:
-        return "optimizer (multi-tensor)"
     if "elementwise" in lowered or "reduce" in lowered or "copy" in lowered or "index" in lowered or "cat" in lowered:
         return "elementwise, copies, gathers, reductions"
     return "other kernels"

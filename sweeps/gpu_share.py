@@ -74,7 +74,8 @@ def largest_engine_memory(plan: SweepPlan, training: TrainingConfig, model_dir: 
         batch_size=max(plan.values("per_device_train_batch_size", training.per_device_train_batch_size)),
         seq_len=round(mean_row),
         gradient_checkpointing=all(plan.values("gradient_checkpointing", training.gradient_checkpointing)),
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code,
+        gradient_accumulation=max(plan.values("gradient_accumulation_steps", training.gradient_accumulation_steps)) > 1)
 
 
 def check_cpus_fit(resources: ResourcesConfig, trial_gpus: float, eval_gpus: float) -> None:

@@ -65,3 +65,6 @@ def test_the_engine_estimate_covers_the_measured_peak_without_doubling_it(shape,
     # More slots or a 4-bit base kept in 4 bits move it the right way.
     assert estimate_engine_memory(str(tmp_path), "4bit", True, 2 * slots, 64, batch, 20, False).total_mib > estimate.total_mib
     assert estimate_engine_memory(str(tmp_path), "4bit", False, slots, 64, batch, 20, False).base_mib < estimate.base_mib
+    accumulating = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False,
+                                          gradient_accumulation=True)
+    assert accumulating.adapter_mib == pytest.approx(estimate.adapter_mib * 20 / 16)

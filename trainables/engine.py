@@ -65,7 +65,7 @@ class LoraEngine:
         self.model = load_base_for_training(base, gradient_checkpointing)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.routing, self.modules = wrap_linear_layers(self.model, slots, max_rank)
+        self.routing, self.modules, weights = wrap_linear_layers(self.model, slots, max_rank)
         if dequantized_base:
             dequantize_linear_layers(self.modules.values())
         self.routing.exact_dropout = base.device != "cuda"
@@ -81,7 +81,7 @@ class LoraEngine:
         self.free = list(range(slots))
         self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
-        self.optimizer = SlotAdamW(params, slots)
+        self.optimizer = SlotAdamW(weights, params)
 
     # ------------------------------------------------------------------------------------------- slots
 
@@ -191,29 +191,22 @@ class LoraEngine:
         divided by the window's completion tokens, not the piece's). The split stays for later steps. The
         gradients of earlier micro-batches of a window are set aside meanwhile, so a failed attempt's partial
         backward is dropped, not added to them."""
-        params = self.optimizer.params
-        earlier = [p.grad for p in params]
-        for p in params:
-            p.grad = None
+        earlier = self.optimizer.set_aside_gradients()
         while True:
             try:
                 losses = self._pieces_forward_backward(batches)
                 break
             except torch.OutOfMemoryError:
-                for p in params:
-                    p.grad = None
+                self.optimizer.drop_gradients()
                 largest = max(len(rows) for rows in batches.values())
                 if self.pieces >= largest:  # one row per adapter and still out of memory: give up
-                    for p, grad in zip(params, earlier):
-                        p.grad = grad
+                    self.optimizer.take_back_gradients(earlier)
                     raise
                 self.pieces = min(2 * self.pieces, largest)
                 torch.cuda.empty_cache()
                 print(f"[lorasweep] engine: CUDA out of memory; micro-batches now run in {self.pieces} pieces "
                       f"(the same effective batch)", flush=True)
-        for p, grad in zip(params, earlier):
-            if grad is not None:
-                p.grad = grad if p.grad is None else p.grad.add_(grad)
+        self.optimizer.take_back_gradients(earlier)
         for slot, examples in batches.items():
             adapter = self.adapters[slot]
             adapter.tokens_seen += sum(len(example["input_ids"]) for example in examples)

@@ -3,9 +3,9 @@ head) is wrapped in a MultiLoraLinear that holds a slot per adapter, and each st
 slot. Written here rather than taken from PEFT because PEFT trains one active adapter at a time (its mixed-adapter
 batches are inference-only, peft#2749); PEFT stays the checkpoint format (trainables/engine.py exports to it).
 
-Layout (../shared/research/multi-lora.md, section 4): per wrapped module one leaf `A: [S, R, d_in]` and one leaf
-`B: [S, d_out, R]`, with R the largest rank of the study and slot s using rows/columns [:r_s]; a slot that does
-not target a module has scale 0 there. Padding is exact: the padded rows and columns start at zero and their
+Layout (../shared/research/multi-lora.md, section 4): per wrapped module `A: [S, R, d_in]` and `B: [S, d_out, R]`,
+views of one slot-major tensor holding every module's (wrap_linear_layers), with R the largest rank of the study
+and slot s using rows/columns [:r_s]; a slot that does not target a module has scale 0 there. Padding is exact: the padded rows and columns start at zero and their
 gradients are zero, so they stay zero. The base matmul runs once over all slots' tokens.
 
 Dropout is drawn from a counter-based hash of (slot seed, slot step, module, token position within the slot,
@@ -71,7 +71,8 @@ class MultiLoraLinear(nn.Module):
     models' steps launch-bound). Plain autograd: a hand-written backward measured slower on the H200
     (BENCHMARKS.md)."""
 
-    def __init__(self, base: nn.Module, module_index: int, slots: int, max_rank: int, routing: Routing):
+    def __init__(self, base: nn.Module, module_index: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 routing: Routing):
         super().__init__()
         self.base = base
         self.module_index = module_index  # keys this module's dropout masks and its row of routing.scales
@@ -79,10 +80,9 @@ class MultiLoraLinear(nn.Module):
         # as a constant, which would compile the layer again for every layer.
         self.register_buffer("scale_row", torch.tensor([module_index], device=base.weight.device), persistent=False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = base.weight.device
-        # fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base.
-        self.lora_A = nn.Parameter(torch.zeros(slots, max_rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, max_rank, device=device))
+        # [S, R, d_in] and [S, d_out, R]: views of the engine's one slot-major weight tensor (wrap_linear_layers).
+        self.lora_A = nn.Parameter(lora_a)
+        self.lora_B = nn.Parameter(lora_b)
         self.routing = routing
 
     def set_slot(self, slot: int, rank: int, scale: float, lora_a: torch.Tensor | None) -> None:
@@ -164,22 +164,35 @@ def _uniform(keys: torch.Tensor, salt: int) -> torch.Tensor:
     return x.to(torch.float32) * (1.0 / 2**32)
 
 
-def wrap_linear_layers(model: nn.Module, slots: int, max_rank: int) -> tuple[Routing, dict[str, MultiLoraLinear]]:
+def wrap_linear_layers(model: nn.Module, slots: int, max_rank: int) \
+        -> tuple[Routing, dict[str, MultiLoraLinear], torch.Tensor]:
     """Replace every linear layer but the output head with a MultiLoraLinear (in place). Returns the shared
-    routing and {module name: wrapper}, in the model's module order (which keys dropout and PEFT's names)."""
+    routing, {module name: wrapper} in the model's module order (which keys dropout and PEFT's names), and the
+    [slots, all adapter weights] tensor that every wrapper's A and B are views of.
+
+    One slot-major tensor rather than a leaf each: the optimizer then updates every module of every slot in a few
+    whole-tensor kernels (trainables/slot_optimizer.py), where per-leaf multi-tensor ops with per-slot factors fall
+    back to a kernel per leaf and operation (8,400 operators a step fewer for SmolLM2's 420 leaves, measured on CPU:
+    BENCHMARKS.md). fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base."""
     output_head = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
                if _is_linear(module) and module is not output_head]
     device = targets[0][1].weight.device
     routing = Routing(scales=torch.zeros(len(targets), slots, device=device), dropout=torch.zeros(slots, device=device))
-    wrappers = {}
+    total = sum(max_rank * (module.in_features + module.out_features) for _, module in targets)
+    weights = torch.zeros(slots, total, device=device)
+    wrappers, offset = {}, 0
     for index, (name, module) in enumerate(targets):
+        a_size, b_size = max_rank * module.in_features, module.out_features * max_rank
+        lora_a = weights[:, offset:offset + a_size].view(slots, max_rank, module.in_features)
+        lora_b = weights[:, offset + a_size:offset + a_size + b_size].view(slots, module.out_features, max_rank)
+        offset += a_size + b_size
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoraLinear(module, index, slots, max_rank, routing)
+        wrapper = MultiLoraLinear(module, index, lora_a, lora_b, routing)
         setattr(parent, child, wrapper)
         wrappers[name] = wrapper
-    return routing, wrappers
+    return routing, wrappers, weights
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -1,8 +1,8 @@
 """AdamW over stacked LoRA slots: every adapter keeps its own learning rate and schedule, weight decay, step count
 (bias correction), gradient clipping and failure, while one update serves all the slots that are due. torch's
 AdamW would need one parameter group, and so one leaf tensor, per adapter and module (../shared/research/
-multi-lora.md, section 4); here a slot is a row of each stacked leaf, and the per-slot settings are vectors
-broadcast over it. The update is the one torch.optim.AdamW (decoupled weight decay) and the Trainer's
+multi-lora.md, section 4); here a slot is a row of one slot-major tensor of every module's weights, and the
+per-slot settings are vectors broadcast over it. The update is the one torch.optim.AdamW (decoupled weight decay) and the Trainer's
 clip_grad_norm_ do, checked against them in tests/test_engine.py."""
 
 from __future__ import annotations
@@ -33,39 +33,51 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int)
 
 
 class SlotAdamW:
-    """State per stacked parameter (slot dimension first): exp_avg and exp_avg_sq; per slot: the step count.
+    """AdamW over the engine's slot-major weight tensor `weights` [S, N] (every module's stacked A and B, each
+    parameter a view of it: trainables/multi_lora.wrap_linear_layers). State: exp_avg and exp_avg_sq of the same
+    shape, the gradient tensor that autograd accumulates into (each parameter's .grad is a view of it), and each
+    slot's step count.
 
-    One update touches whole tensors, with per-slot factors broadcast over the slot dimension (a slot that is not
-    due gets weight 0, so its moments and weights stay as they are), through torch's multi-tensor `_foreach` ops:
-    the number of kernel launches per step depends on neither the number of slots nor their mix, and no slot is
-    gathered or scattered."""
+    One update is a few whole-tensor kernels with per-slot factors broadcast over the slot dimension (a slot that
+    is not due gets weight 0, so its moments and weights stay as they are): the number of kernel launches per step
+    depends on neither the number of slots, nor their mix, nor the number of modules, and no slot is gathered or
+    scattered."""
 
-    def __init__(self, params: list[torch.nn.Parameter], slots: int):
+    def __init__(self, weights: torch.Tensor, params: list[torch.nn.Parameter]):
+        self.weights = weights
         self.params = params
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = [0] * slots
-        self.device = params[0].device
+        self.moment1 = torch.zeros_like(weights)
+        self.moment2 = torch.zeros_like(weights)
+        self.grad = torch.zeros_like(weights)
+        # Per parameter, the same views of the state: what checkpoints hold, and where autograd adds gradients (an
+        # existing .grad is accumulated into in place).
+        self.exp_avg = [self._view_of(self.moment1, p) for p in params]
+        self.exp_avg_sq = [self._view_of(self.moment2, p) for p in params]
+        for p in params:
+            p.grad = self._view_of(self.grad, p)
+        self.steps = [0] * weights.shape[0]
         self.accumulating: set[int] = set()  # slots whose gradients hold micro-batches not yet stepped
+
+    def _view_of(self, state: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return state.as_strided(param.shape, param.stride(),
+                                state.storage_offset() + param.storage_offset() - self.weights.storage_offset())
 
     def reset_slot(self, slot: int) -> None:
         """A new adapter in the slot starts with fresh moments and step count."""
         with torch.no_grad():
-            for m, v in zip(self.exp_avg, self.exp_avg_sq):
-                m[slot].zero_()
-                v[slot].zero_()
+            self.moment1[slot].zero_()
+            self.moment2[slot].zero_()
         self.steps[slot] = 0
 
     def grad_norms(self) -> torch.Tensor:
         """Each slot's gradient norm over all its parameters, [S]."""
-        grads = [p.grad.flatten(1) for p in self.params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.cat(grads, dim=1).float(), dim=1)
+        return torch.linalg.vector_norm(self.grad, dim=1)
 
     @torch.no_grad()
     def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> dict[int, float]:
         """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns each due
         slot's gradient norm before clipping (non-finite: the caller fails that slot; it is not updated)."""
-        if not due or all(p.grad is None for p in self.params):
+        if not due or not self.accumulating:
             return {slot: 0.0 for slot in due}
         norms = self.grad_norms()
         values = norms.tolist()
@@ -88,23 +100,15 @@ class SlotAdamW:
             step_size[slot] = lr / (1 - beta1 ** step)
             bias2_sqrt[slot] = math.sqrt(1 - beta2 ** step)
             keep[slot] = 1 - lr * weight_decay[slot]
-        w1, w2, size, bias2, decay = (torch.tensor(v, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+        w1, w2, size, bias2, decay = (torch.tensor(v, device=self.weights.device, dtype=torch.float32).view(-1, 1)
                                       for v in (moment1, moment2, step_size, bias2_sqrt, keep))
-        clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
-        params = [p for p in self.params if p.grad is not None]
-        m = [m for m, p in zip(self.exp_avg, self.params) if p.grad is not None]
-        v = [v for v, p in zip(self.exp_avg_sq, self.params) if p.grad is not None]
-        n = len(params)
-        grads = torch._foreach_mul([p.grad for p in params], [clip] * n)
-        torch._foreach_lerp_(m, grads, [w1] * n)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
-        torch._foreach_lerp_(v, torch._foreach_mul(grads, grads), [w2] * n)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, [bias2] * n)
-        torch._foreach_add_(denom, EPS)
-        update = torch._foreach_div(m, denom)
-        torch._foreach_mul_(update, [size] * n)
-        torch._foreach_mul_(params, [decay] * n)  # decoupled weight decay, as torch.optim.AdamW
-        torch._foreach_sub_(params, update)
+        clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1)
+        grads = self.grad * clip
+        self.moment1.lerp_(grads, w1)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
+        self.moment2.lerp_(grads.mul_(grads), w2)
+        update = self.moment1 / self.moment2.sqrt().div_(bias2).add_(EPS)
+        self.weights.mul_(decay)  # decoupled weight decay, as torch.optim.AdamW
+        self.weights.sub_(update.mul_(size))
 
     def accumulated(self, slots: list[int]) -> None:
         """The slots whose micro-batches a backward pass just added to the gradients."""
@@ -112,13 +116,30 @@ class SlotAdamW:
 
     def zero_grad(self, slots: list[int]) -> None:
         self.accumulating.difference_update(slots)
-        if not self.accumulating:  # nothing left to keep: drop the gradients instead of writing zeros
-            for p in self.params:
-                p.grad = None
-            return
-        for p in self.params:
-            if p.grad is not None:
-                p.grad[slots] = 0
+        with torch.no_grad():
+            if not self.accumulating:
+                self.grad.zero_()
+            else:
+                self.grad[slots] = 0
+
+    def set_aside_gradients(self) -> torch.Tensor | None:
+        """Before a backward that may fail midway (a CUDA out-of-memory error): the gradients of earlier micro-batches
+        of open accumulation windows, copied out and cleared (None when there are none), so that a failed attempt's
+        partial gradients can be dropped whole. take_back_gradients adds them back."""
+        if not self.accumulating:
+            return None
+        kept = self.grad.clone()
+        self.drop_gradients()
+        return kept
+
+    def drop_gradients(self) -> None:
+        with torch.no_grad():
+            self.grad.zero_()
+
+    def take_back_gradients(self, kept: torch.Tensor | None) -> None:
+        if kept is not None:
+            with torch.no_grad():
+                self.grad.add_(kept)
 
     def slot_state(self, slot: int, parts: list[tuple | None]) -> dict:
         """What a checkpoint holds of the optimizer for one adapter: per parameter, the moments of its part of the

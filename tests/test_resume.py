@@ -37,26 +37,28 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(engine, tiny_mod
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not finished_trial_dirs(tune_dir, 3) and driver.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert driver.poll() is None, "the sweep ended before it could be interrupted"
         first_done = finished_trial_dirs(tune_dir, 3)
-        assert len(first_done) == 1, "one trial should have finished when the driver is killed"
+        # On the engine a tiny trial takes well under a second: a second one may have finished by the check.
+        assert 1 <= len(first_done) < 3, "some, not all, trials should have finished when the driver is killed"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
         stop_ray_processes(ray_tmp)  # what the killed driver left running, before the same command runs again
     assert not (tmp_path / "resume" / "leaderboard.json").exists()
-    done_before = (first_done[0] / "result.json").read_text()
+    done_before = {trial: (trial / "result.json").read_text().splitlines() for trial in first_done}
 
     proc = run_lora_search(args, ray_tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming the sweep" in proc.stdout
-    # The finished trial was not trained again: its steps never restart. (If Tune's snapshot missed its
-    # end, the resumed trial reports its saved final metrics once more, at the final step.)
-    after = [json.loads(line) for line in (first_done[0] / "result.json").read_text().splitlines()]
-    assert after[: len(done_before.splitlines())] == [json.loads(l) for l in done_before.splitlines()]
-    assert [r["step"] for r in after if r["step"] < 6] == [2, 4]
-    assert all(r["step"] == 6 for r in after[2:])
+    # The finished trials were not trained again: their steps never restart. (If Tune's snapshot missed a
+    # trial's end, the resumed trial reports its saved final metrics once more, at the final step.)
+    for trial, lines in done_before.items():
+        after = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert after[: len(lines)] == [json.loads(line) for line in lines]
+        assert [r["step"] for r in after if r["step"] < 6] == [2, 4]
+        assert all(r["step"] == 6 for r in after[2:])
     board = json.loads((tmp_path / "resume" / "leaderboard.json").read_text())
     trial_rows = [r for r in board["rows"] if r["trial_id"] != "base"]
     assert len(trial_rows) == 3 and all(r["status"] == "completed" for r in trial_rows)

@@ -155,6 +155,8 @@ def profile_step(engine, steps: int = 3) -> dict:
     out.update({f"phase (CPU): {name[len('lorasweep: '):]}": round(ms, 2) for name, ms in phases.items()})
     operators = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     out["operators per step (aten calls, nested ones included)"] = round(sum(e.count for e in operators) / steps)
+    out["of them computing (views, reshapes and allocations left out)"] = round(
+        sum(e.count for e in operators if e.key not in METADATA_OPERATORS) / steps)
     for event in sorted(operators, key=lambda e: -e.self_cpu_time_total)[:6]:
         out[f"operator (CPU self): {event.key} x{event.count // steps}"] = round(event.self_cpu_time_total / 1000 / steps, 2)
     if cuda:
@@ -172,6 +174,13 @@ def profile_step(engine, steps: int = 3) -> dict:
         out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
     out["step wall (profiled)"] = round(wall_ms, 2)
     return out
+
+
+# Operators that only make a tensor's metadata or allocate (no kernel on a GPU): left out of the computing count.
+METADATA_OPERATORS = {f"aten::{name}" for name in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "slice", "narrow", "select", "transpose", "t",
+    "permute", "expand", "unsqueeze", "squeeze", "split", "split_with_sizes", "unbind", "detach", "detach_", "alias",
+    "resolve_conj", "resolve_neg", "lift_fresh", "empty", "empty_strided", "empty_like")}
 
 
 def kernel_class(name: str) -> str:

@@ -69,13 +69,15 @@ class LoraEngine:
         if dequantized_base:
             dequantize_linear_layers(self.modules.values())
         self.routing.exact_dropout = base.device != "cuda"
+        # The dtype of the LoRA matmuls: bf16 under the engine's CUDA autocast (_token_losses); fp32 on CPU.
+        self.compute_dtype = torch.bfloat16 if base.device == "cuda" else None
         # The output head only where a completion token is predicted (a fifth of the positions for short labels):
         # full logits were the largest tensors of a step (16 SmolLM2 adapters x 32 rows: 11k positions x 49k
         # vocabulary in fp32), and the loss reads only those positions. Used where the model's logits are its head
         # applied to its decoder's last hidden state, as checked here (models that scale or cap logits are not).
         self.head_alone = _head_alone_gives_the_logits(self.model)
         if compile_backend:
-            compile_decoder_layers(self.model, self.routing, compile_backend, gradient_checkpointing)
+            compile_decoder_layers(self.model, compile_backend, gradient_checkpointing)
         self.max_rank = max_rank
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
@@ -226,7 +228,8 @@ class LoraEngine:
             with torch.profiler.record_function("lorasweep: batch layout"):
                 layout = _flat_layout(part, self.model.device)
             self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
-                             self.model.device, any(self.adapters[s].training.lora_dropout for s in part))
+                             self.model.device, any(self.adapters[s].training.lora_dropout for s in part),
+                             self.compute_dtype)
             try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
                 for slot, loss in self._losses_and_backward(layout).items():
                     losses[slot] += loss
@@ -296,7 +299,7 @@ class LoraEngine:
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
                 layout = _flat_layout({slot: batch for slot in group}, self.model.device)
-                self.routing.set(group, None, self.model.device, any_dropout=False)
+                self.routing.set(group, None, self.model.device, any_dropout=False, compute_dtype=self.compute_dtype)
                 try:
                     token_losses = self._token_losses(layout)
                 finally:
@@ -335,8 +338,10 @@ class LoraEngine:
         weights = {}
         for name in sorted(adapter.targets):
             module = self.modules[name]
-            weights[f"base_model.model.{name}.lora_A.weight"] = module.lora_A[slot, :t.lora_r].detach().cpu().clone()
-            weights[f"base_model.model.{name}.lora_B.weight"] = module.lora_B[slot, :, :t.lora_r].detach().cpu().clone()
+            # Contiguous copies: the engine holds A and B transposed (trainables/multi_lora.wrap_linear_layers).
+            a, b = module.lora_A[slot, :t.lora_r], module.lora_B[slot, :, :t.lora_r]
+            weights[f"base_model.model.{name}.lora_A.weight"] = a.cpu().clone(memory_format=torch.contiguous_format)
+            weights[f"base_model.model.{name}.lora_B.weight"] = b.cpu().clone(memory_format=torch.contiguous_format)
         state = {"optimizer": self.optimizer.slot_state(slot, self._trained_parts(adapter)), "step": adapter.step, "order": list(adapter.order),
                  "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
                  "generator": adapter.generator.get_state()}
@@ -374,7 +379,7 @@ class LoraEngine:
         adapter.generator.set_state(state["generator"])
 
 
-def compile_decoder_layers(model, routing, backend: str, gradient_checkpointing: bool) -> int:
+def compile_decoder_layers(model, backend: str, gradient_checkpointing: bool) -> int:
     """torch.compile each decoder layer for training steps: in eager mode a small model's step is bound by the CPU
     launching ~40k operators (BENCHMARKS.md); compiled, a layer's elementwise work (casts, norms, rotary, the LoRA
     scales and sums) runs as a few fused kernels, forward and backward. Dynamic shapes: the number of slots in a
@@ -388,9 +393,10 @@ def compile_decoder_layers(model, routing, backend: str, gradient_checkpointing:
     # The variants a study meets: the first layer's input needs no gradient (the others' do), with and without
     # dropout, one slot or several, each first with static then with dynamic shapes.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    routing.views = False
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
+    print(f"[lorasweep] engine: {len(layers)} decoder layers compiled with torch.compile ({backend}); the first "
+          f"steps take longer while it compiles", flush=True)
     return len(layers)
 
 

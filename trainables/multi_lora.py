@@ -25,43 +25,54 @@ _MASK32 = 0xFFFFFFFF
 
 @dataclass
 class Routing:
-    """What every MultiLoraLinear of a model shares: the slots' settings (each module's scale per slot, each slot's
-    dropout) and the current step's layout. The batch has one row per slot (its micro-batch packed into that row);
-    `index[i]` is row i's slot, and `dropout_keys` each row's dropout key (the adapter's seed and its own
-    micro-step); no key: no dropout (evaluation)."""
+    """What every MultiLoraLinear of a model shares: the adapters' weights (`weights`, slot-major, every module's A
+    and B side by side), the slots' settings (each module's scale per slot, each slot's dropout) and the current
+    step's layout. The batch has one row per slot (its micro-batch packed into that row); `index[i]` is row i's
+    slot, and `dropout_keys` each row's dropout key (the adapter's seed and its own micro-step); no key: no dropout
+    (evaluation)."""
 
+    weights: nn.Parameter  # [slots, every module's R * d_in + d_out * R]: the one leaf the optimizer updates
+    modules: list  # the MultiLoraLinear wrappers, in the order of their pieces of `weights`
     scales: torch.Tensor  # [modules, slots]: lora_alpha / r where the slot adapts the module, else 0
     dropout: torch.Tensor  # [slots]
     dropout_keys: list[tuple[int, int]] | None = None
     # Keyed masks (exact beside any neighbours) or the device generator's (one kernel): see _dropout.
     exact_dropout: bool = True
-    # Per step, set once for every module: the rows' slots (as a slice when they are consecutive, the usual case
-    # with every slot busy: the adapters are then views, not gathered copies), each module's scales for them, and
-    # whether any row drops out at all.
     index: torch.Tensor | None = None
-    rows: slice | None = None
-    step_scales: torch.Tensor | None = None  # [modules, rows, 1, 1]
+    step_dropout: torch.Tensor | None = None  # [rows, 1, 1]
     any_dropout: bool = False
-    # Consecutive slots as views (fewer kernels in eager mode). Off when the decoder layers are compiled: the slice's
-    # bounds would be constants of the compiled code, recompiled for every new range; a gather index is an input.
-    views: bool = True
 
-    def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool) -> None:
+    def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool,
+            compute_dtype: torch.dtype | None = None) -> None:
+        """Give every module its adapters for the step's slots, once for all modules: the slots' rows of `weights`
+        (a view when they are consecutive, the usual case with every slot busy, else one gather), cast once to the
+        compute dtype (bf16 under the engine's CUDA autocast, as the per-process path's autocast runs the LoRA
+        matmuls; the adapters themselves stay fp32), and split into each module's A and B, scale and dropout. Per
+        module and step that left no kernels of its own to launch, forward or backward (the split's backward is one
+        concatenation): a small model's step is bound by launches."""
         self.dropout_keys = dropout_keys
         self.index = torch.tensor(slots, device=device)
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.rows = slice(slots[0], slots[0] + len(slots)) if consecutive and self.views else None
-        self.step_scales = self.pick(self.scales, dim=1)[:, :, None, None]
+        rows = slice(slots[0], slots[0] + len(slots))
+        weights = self.weights[rows] if consecutive else self.weights.index_select(0, self.index)
+        scales = self.scales[:, rows] if consecutive else self.scales.index_select(1, self.index)
+        if compute_dtype is not None:
+            weights, scales = weights.to(compute_dtype), scales.to(compute_dtype)
+        pieces = weights.split([size for module in self.modules for size in module.piece_sizes], dim=1)
+        module_scales = scales.split(1, dim=0)
+        count = len(slots)
+        for number, module in enumerate(self.modules):
+            module.step_a_t = pieces[2 * number].view(count, module.in_features, -1)
+            module.step_b_t = pieces[2 * number + 1].view(count, -1, module.out_features)
+            module.step_scale = module_scales[number].view(count, 1, 1)
+        self.step_dropout = (self.dropout[rows] if consecutive else self.dropout.index_select(0, self.index)) \
+            .view(-1, 1, 1)
         self.any_dropout = any_dropout and dropout_keys is not None
 
-    def pick(self, stacked: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """The step's slots of a tensor stacked by slot along `dim`: a view when they are consecutive."""
-        if self.rows is not None:
-            return stacked[self.rows] if dim == 0 else stacked[:, self.rows]
-        return stacked.index_select(dim, self.index)
-
     def clear(self) -> None:
-        self.dropout_keys, self.index, self.rows, self.step_scales, self.any_dropout = None, None, None, None, False
+        self.dropout_keys, self.index, self.step_dropout, self.any_dropout = None, None, None, False
+        for module in self.modules:
+            module.step_a_t = module.step_b_t = module.step_scale = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -76,13 +87,16 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.module_index = module_index  # keys this module's dropout masks and its row of routing.scales
-        # The same index as a tensor, to read the module's scales with: a compiled layer holds an integer attribute
-        # as a constant, which would compile the layer again for every layer.
-        self.register_buffer("scale_row", torch.tensor([module_index], device=base.weight.device), persistent=False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        # [S, R, d_in] and [S, d_out, R]: views of the engine's one slot-major weight tensor (wrap_linear_layers).
-        self.lora_A = nn.Parameter(lora_a)
-        self.lora_B = nn.Parameter(lora_b)
+        # [S, R, d_in] and [S, d_out, R] as PEFT has them: views of routing.weights, which holds them transposed
+        # (what the matmuls take as they are), for giving a slot its adapter and for reading it back (checkpoints);
+        # outside autograd, whose path to the weights is the step's split (Routing.set).
+        self.lora_A, self.lora_B = lora_a, lora_b
+        self.piece_sizes = (lora_a[0].numel(), lora_b[0].numel())
+        # The step's A^T [rows, d_in, R], B^T [rows, R, d_out] and scales [rows, 1, 1], in the compute dtype: set
+        # for every module by Routing.set. Plain tensor attributes, which a compiled layer takes as inputs (an integer
+        # attribute would be a constant of the compiled code, and each layer would compile its own).
+        self.step_a_t = self.step_b_t = self.step_scale = None
         self.routing = routing
 
     def set_slot(self, slot: int, rank: int, scale: float, lora_a: torch.Tensor | None) -> None:
@@ -97,24 +111,19 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        routing = self.routing
-        if routing.index is None:
+        if self.step_a_t is None:
             return result
-        if self.training and routing.any_dropout:
+        if self.training and self.routing.any_dropout:
             x = self._dropout(x)
-        # Few kernels per module, since a small model's step is bound by launches: the adapters are views of the
-        # step's slots (Routing.pick), the scale rides on the [rows, L, R] product (the smallest one), and on CUDA
-        # the bf16 casts are those of the engine's autocast (as the per-process path's bf16 autocast runs the LoRA
-        # matmuls; the adapters themselves stay fp32). On CPU everything is fp32.
-        a, b = routing.pick(self.lora_A), routing.pick(self.lora_B)
+        # The scale rides on the [rows, L, R] product, the smallest one. On CPU everything is fp32.
         if not x.is_cuda:
             x = x.float()
-        hidden = torch.bmm(x, a.transpose(1, 2)) * routing.step_scales.index_select(0, self.scale_row)[0]
-        lora = torch.bmm(hidden, b.transpose(1, 2))
+        hidden = torch.bmm(x, self.step_a_t) * self.step_scale
+        lora = torch.bmm(hidden, self.step_b_t)
         return result + (lora if x.is_cuda else lora.to(result.dtype))
 
     def _dropout(self, rows: torch.Tensor) -> torch.Tensor:
-        p = self.routing.pick(self.routing.dropout).view(-1, 1, 1)
+        p = self.routing.step_dropout
         if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
                               for p_i, (seed, step) in zip(p.flatten().tolist(), self.routing.dropout_keys)])
@@ -170,28 +179,32 @@ def wrap_linear_layers(model: nn.Module, slots: int, max_rank: int) \
     routing, {module name: wrapper} in the model's module order (which keys dropout and PEFT's names), and the
     [slots, all adapter weights] tensor that every wrapper's A and B are views of.
 
-    One slot-major tensor rather than a leaf each: the optimizer then updates every module of every slot in a few
+    One slot-major leaf rather than a leaf per module: the optimizer updates every module of every slot in a few
     whole-tensor kernels (trainables/slot_optimizer.py), where per-leaf multi-tensor ops with per-slot factors fall
-    back to a kernel per leaf and operation (8,400 operators a step fewer for SmolLM2's 420 leaves, measured on CPU:
-    BENCHMARKS.md). fp32 adapters, as PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base."""
+    back to a kernel per leaf and operation, and a step gathers, casts and splits the adapters once for all modules
+    (Routing.set) instead of per module, forward and backward (measured on CPU: BENCHMARKS.md). fp32 adapters, as
+    PEFT keeps them (autocast_adapter_dtype) beside a bf16 or 4-bit base."""
     output_head = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
                if _is_linear(module) and module is not output_head]
     device = targets[0][1].weight.device
-    routing = Routing(scales=torch.zeros(len(targets), slots, device=device), dropout=torch.zeros(slots, device=device))
     total = sum(max_rank * (module.in_features + module.out_features) for _, module in targets)
-    weights = torch.zeros(slots, total, device=device)
+    weights = nn.Parameter(torch.zeros(slots, total, device=device))
+    routing = Routing(weights=weights, modules=[], scales=torch.zeros(len(targets), slots, device=device),
+                      dropout=torch.zeros(slots, device=device))
     wrappers, offset = {}, 0
     for index, (name, module) in enumerate(targets):
         a_size, b_size = max_rank * module.in_features, module.out_features * max_rank
-        lora_a = weights[:, offset:offset + a_size].view(slots, max_rank, module.in_features)
-        lora_b = weights[:, offset + a_size:offset + a_size + b_size].view(slots, module.out_features, max_rank)
+        lora_a = weights.detach()[:, offset:offset + a_size].view(slots, module.in_features, max_rank).transpose(1, 2)
+        lora_b = weights.detach()[:, offset + a_size:offset + a_size + b_size].view(slots, max_rank, module.out_features) \
+            .transpose(1, 2)
         offset += a_size + b_size
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapper = MultiLoraLinear(module, index, lora_a, lora_b, routing)
         setattr(parent, child, wrapper)
         wrappers[name] = wrapper
+        routing.modules.append(wrapper)
     return routing, wrappers, weights
 
 

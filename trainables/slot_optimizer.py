@@ -33,28 +33,23 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int)
 
 
 class SlotAdamW:
-    """AdamW over the engine's slot-major weight tensor `weights` [S, N] (every module's stacked A and B, each
-    parameter a view of it: trainables/multi_lora.wrap_linear_layers). State: exp_avg and exp_avg_sq of the same
-    shape, the gradient tensor that autograd accumulates into (each parameter's .grad is a view of it), and each
-    slot's step count.
+    """AdamW over the engine's slot-major weight leaf `weights` [S, N] (every module's stacked A and B side by side:
+    trainables/multi_lora.wrap_linear_layers); `params` are each module's A and B as views of it. State: exp_avg
+    and exp_avg_sq of the same shape (with the same per-parameter views, for checkpoints) and each slot's step
+    count; the gradient is the leaf's own.
 
     One update is a few whole-tensor kernels with per-slot factors broadcast over the slot dimension (a slot that
     is not due gets weight 0, so its moments and weights stay as they are): the number of kernel launches per step
     depends on neither the number of slots, nor their mix, nor the number of modules, and no slot is gathered or
     scattered."""
 
-    def __init__(self, weights: torch.Tensor, params: list[torch.nn.Parameter]):
+    def __init__(self, weights: torch.nn.Parameter, params: list[torch.Tensor]):
         self.weights = weights
         self.params = params
-        self.moment1 = torch.zeros_like(weights)
-        self.moment2 = torch.zeros_like(weights)
-        self.grad = torch.zeros_like(weights)
-        # Per parameter, the same views of the state: what checkpoints hold, and where autograd adds gradients (an
-        # existing .grad is accumulated into in place).
+        self.moment1 = torch.zeros_like(weights, requires_grad=False)
+        self.moment2 = torch.zeros_like(weights, requires_grad=False)
         self.exp_avg = [self._view_of(self.moment1, p) for p in params]
         self.exp_avg_sq = [self._view_of(self.moment2, p) for p in params]
-        for p in params:
-            p.grad = self._view_of(self.grad, p)
         self.steps = [0] * weights.shape[0]
         self.accumulating: set[int] = set()  # slots whose gradients hold micro-batches not yet stepped
 
@@ -71,13 +66,13 @@ class SlotAdamW:
 
     def grad_norms(self) -> torch.Tensor:
         """Each slot's gradient norm over all its parameters, [S]."""
-        return torch.linalg.vector_norm(self.grad, dim=1)
+        return torch.linalg.vector_norm(self.weights.grad, dim=1)
 
     @torch.no_grad()
     def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> dict[int, float]:
         """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns each due
         slot's gradient norm before clipping (non-finite: the caller fails that slot; it is not updated)."""
-        if not due or not self.accumulating:
+        if not due or self.weights.grad is None:
             return {slot: 0.0 for slot in due}
         norms = self.grad_norms()
         values = norms.tolist()
@@ -103,7 +98,7 @@ class SlotAdamW:
         w1, w2, size, bias2, decay = (torch.tensor(v, device=self.weights.device, dtype=torch.float32).view(-1, 1)
                                       for v in (moment1, moment2, step_size, bias2_sqrt, keep))
         clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1)
-        grads = self.grad * clip
+        grads = self.weights.grad * clip
         self.moment1.lerp_(grads, w1)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
         self.moment2.lerp_(grads.mul_(grads), w2)
         update = self.moment1 / self.moment2.sqrt().div_(bias2).add_(EPS)
@@ -116,30 +111,25 @@ class SlotAdamW:
 
     def zero_grad(self, slots: list[int]) -> None:
         self.accumulating.difference_update(slots)
-        with torch.no_grad():
-            if not self.accumulating:
-                self.grad.zero_()
-            else:
-                self.grad[slots] = 0
+        if not self.accumulating:  # nothing left to keep: drop the gradient instead of writing zeros
+            self.weights.grad = None
+        elif self.weights.grad is not None:
+            with torch.no_grad():
+                self.weights.grad[slots] = 0
 
     def set_aside_gradients(self) -> torch.Tensor | None:
         """Before a backward that may fail midway (a CUDA out-of-memory error): the gradients of earlier micro-batches
-        of open accumulation windows, copied out and cleared (None when there are none), so that a failed attempt's
+        of open accumulation windows, taken out of the way (None when there are none), so that a failed attempt's
         partial gradients can be dropped whole. take_back_gradients adds them back."""
-        if not self.accumulating:
-            return None
-        kept = self.grad.clone()
-        self.drop_gradients()
+        kept, self.weights.grad = self.weights.grad, None
         return kept
 
     def drop_gradients(self) -> None:
-        with torch.no_grad():
-            self.grad.zero_()
+        self.weights.grad = None
 
     def take_back_gradients(self, kept: torch.Tensor | None) -> None:
         if kept is not None:
-            with torch.no_grad():
-                self.grad.add_(kept)
+            self.weights.grad = kept if self.weights.grad is None else self.weights.grad.add_(kept)
 
     def slot_state(self, slot: int, parts: list[tuple | None]) -> dict:
         """What a checkpoint holds of the optimizer for one adapter: per parameter, the moments of its part of the

@@ -67,4 +67,4 @@ def test_the_engine_estimate_covers_the_measured_peak_without_doubling_it(shape,
     assert estimate_engine_memory(str(tmp_path), "4bit", False, slots, 64, batch, 20, False).base_mib < estimate.base_mib
     accumulating = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False,
                                           gradient_accumulation=True)
-    assert accumulating.adapter_mib == pytest.approx(estimate.adapter_mib * 20 / 16)
+    assert accumulating.adapter_mib == pytest.approx(estimate.adapter_mib * 22 / 18)

@@ -290,6 +290,24 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_model_dir, rows, t
     assert 0 < compiled_graphs <= 8 and breaks == 0  # 4 measured; 12 when each layer compiled its own
 
 
+def test_gradient_checkpointing_trains_as_without_it(tiny_model_dir, rows):
+    """With checkpointed layers (their forward run again in the backward) the step's adapters, handed to the
+    modules once per step (Routing.set), still get their gradients: the same losses as without."""
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="4bit", device="cpu")
+    losses, evaluations = [], []
+    for checkpointing in (False, True):
+        engine = LoraEngine(base, slots=2, max_rank=MAX_RANK, gradient_checkpointing=checkpointing)
+        engine.add("subject", dataclasses.replace(SUBJECT, lora_dropout=0.0), rows["train"], rows["validation"])
+        engine.add("n1", NEIGHBOURS[0], rows["train"], rows["validation"])
+        untrained = engine.evaluate_many([0, 1])
+        losses.append(train(engine))
+        evaluations.append(engine.evaluate_many([0, 1]))
+        assert all(evaluations[-1][slot] < untrained[slot] for slot in (0, 1))  # both adapters learned
+    for slot in (0, 1):
+        assert losses[1][slot] == pytest.approx(losses[0][slot], rel=1e-5)
+        assert evaluations[1][slot] == pytest.approx(evaluations[0][slot], rel=1e-5)
+
+
 def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(tiny_model_dir, tiny_data_dir, capsys,
                                                                                  tmp_path):
     from sweeps.engine_benchmark import kernel_class, main

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="studies per sampler, with sampler seeds 0, 1, ...")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
     if min(args.budget, args.in_flight, args.seeds) < 1:
         parser.error("--budget, --in-flight and --seeds must be at least 1")
     try:

@@ -79,5 +79,5 @@ def test_the_sampler_benchmark_runs_each_sampler_over_the_budget_on_the_engine(t
 def test_the_sampler_benchmark_refuses_a_bad_config_in_one_line(capsys):
     from sweeps.sampler_benchmark import main
 
-    assert main(["training.max_steps=3", "training.eval_steps=8"]) == 2
+    assert main(["training.max_steps=3", "--seeds", "1", "training.eval_steps=8"]) == 2  # overrides around a flag
     assert capsys.readouterr().err.startswith("sampler_benchmark: error: training.max_steps (3)")

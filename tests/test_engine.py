@@ -219,6 +219,24 @@ def test_keyed_dropout_drops_the_rate_asked_and_depends_only_on_its_key():
     assert torch.equal(keyed_keep_mask((80, 32), 0.25, **key, device="cpu")[:, :64], mask)
 
 
+def test_device_generator_dropout_keeps_each_slots_rate_and_its_scale_carries_the_rescaling(base):
+    """CUDA's dropout path (masks from the device generator, one kernel for all rows): each row keeps 1 - p of its
+    features, and the 1 / (1 - p) of inverted dropout rides on every module's scale for that row."""
+    engine = engine_for(base, slots=2)
+    engine.routing.exact_dropout = False
+    module = next(iter(engine.modules.values()))
+    module.set_slot(0, 4, 2.0, torch.ones(4, module.in_features))
+    module.set_slot(1, 4, 2.0, torch.ones(4, module.in_features))
+    engine.routing.dropout[0], engine.routing.dropout[1] = 0.5, 0.0
+    engine.routing.set([0, 1], [(1, 0), (2, 0)], "cpu", any_dropout=True)
+    try:
+        kept = module._dropout(torch.ones(2, 4000, module.in_features)).mean(dim=(1, 2))
+        assert kept[0].item() == pytest.approx(0.5, abs=0.01) and kept[1].item() == 1.0
+        assert module.step_scale.flatten().tolist() == [4.0, 2.0]
+    finally:
+        engine.routing.clear()
+
+
 def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tiny_model_dir, rows):
     import bitsandbytes as bnb
 

@@ -52,10 +52,15 @@ class Routing:
         concatenation): a small model's step is bound by launches."""
         self.dropout_keys = dropout_keys
         self.index = torch.tensor(slots, device=device)
+        self.any_dropout = any_dropout and dropout_keys is not None
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots))
         weights = self.weights[rows] if consecutive else self.weights.index_select(0, self.index)
         scales = self.scales[:, rows] if consecutive else self.scales.index_select(1, self.index)
+        dropout = self.dropout[rows] if consecutive else self.dropout.index_select(0, self.index)
+        self.step_dropout = dropout.view(-1, 1, 1)
+        if self.any_dropout:  # inverted dropout's 1 / (1 - p), on every module's scale at once (MultiLoraLinear._dropout)
+            scales = scales / (1.0 - dropout)
         if compute_dtype is not None:
             weights, scales = weights.to(compute_dtype), scales.to(compute_dtype)
         pieces = weights.split([size for module in self.modules for size in module.piece_sizes], dim=1)
@@ -65,9 +70,6 @@ class Routing:
             module.step_a_t = pieces[2 * number].view(count, module.in_features, -1)
             module.step_b_t = pieces[2 * number + 1].view(count, -1, module.out_features)
             module.step_scale = module_scales[number].view(count, 1, 1)
-        self.step_dropout = (self.dropout[rows] if consecutive else self.dropout.index_select(0, self.index)) \
-            .view(-1, 1, 1)
-        self.any_dropout = any_dropout and dropout_keys is not None
 
     def clear(self) -> None:
         self.dropout_keys, self.index, self.step_dropout, self.any_dropout = None, None, None, False
@@ -113,7 +115,7 @@ class MultiLoraLinear(nn.Module):
         result = self.base(x)
         if self.step_a_t is None:
             return result
-        if self.training and self.routing.any_dropout:
+        if self.routing.any_dropout:  # set for training steps only; the scale carries the 1 / (1 - p)
             x = self._dropout(x)
         # The scale rides on the [rows, L, R] product, the smallest one. On CPU everything is fp32.
         if not x.is_cuda:
@@ -123,6 +125,8 @@ class MultiLoraLinear(nn.Module):
         return result + (lora if x.is_cuda else lora.to(result.dtype))
 
     def _dropout(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows with each slot's dropout mask applied; the rescaling by 1 / (1 - p) is in the step's scale
+        (Routing.set), one kernel for all modules instead of one per module, forward and backward."""
         p = self.routing.step_dropout
         if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
@@ -131,8 +135,8 @@ class MultiLoraLinear(nn.Module):
             # The device generator, in one kernel for all rows: each adapter's masks have the distribution of its
             # own, but depend on the step's neighbours. The keyed masks above are exact, and what the CPU tests
             # check, but cost a dozen passes over the activations without a fused kernel: the CUDA default.
-            keep = torch.rand_like(rows, dtype=torch.float32) >= p
-        return rows * keep / (1.0 - p)
+            keep = torch.empty_like(rows).bernoulli_(1.0 - p)
+        return rows * keep
 
 
 def keyed_keep_mask(shape: tuple[int, int], p: float, seed: int, step: int, module_index: int, device) -> torch.Tensor:

@@ -3,14 +3,17 @@ head) is wrapped in a MultiLoraLinear that holds a slot per adapter, and each st
 slot. Written here rather than taken from PEFT because PEFT trains one active adapter at a time (its mixed-adapter
 batches are inference-only, peft#2749); PEFT stays the checkpoint format (trainables/engine.py exports to it).
 
-Layout (../shared/research/multi-lora.md, section 4): per wrapped module `A: [S, R, d_in]` and `B: [S, d_out, R]`,
-views of one slot-major tensor holding every module's (wrap_linear_layers), with R the largest rank of the study
-and slot s using rows/columns [:r_s]; a slot that does not target a module has scale 0 there. Padding is exact: the padded rows and columns start at zero and their
-gradients are zero, so they stay zero. The base matmul runs once over all slots' tokens.
+Layout (../shared/research/multi-lora.md, section 4): every module's adapters live in one slot-major tensor
+(wrap_linear_layers), per module A^T [S, d_in, R] and B^T [S, R, d_out], transposed as the matmuls take them
+(MultiLoraLinear.lora_A and lora_B are the [S, R, d_in] and [S, d_out, R] views in PEFT's layout), with R the
+largest rank of the study and slot s using rows/columns [:r_s]; a slot that does not target a module has scale 0
+there. Padding is exact: the padded rows and columns start at zero and their gradients are zero, so they stay
+zero. The base matmul runs once over all slots' tokens.
 
-Dropout is drawn from a counter-based hash of (slot seed, slot step, module, token position within the slot,
-feature), not from the global RNG, so that an adapter's masks do not depend on which neighbours share its step:
-an adapter trained beside others sees exactly what it would see alone."""
+Dropout on CPU (the tests' reference) is drawn from a counter-based hash of (slot seed, slot step, module, token
+position within the slot, feature), not from the global RNG, so that an adapter's masks do not depend on which
+neighbours share its step: an adapter trained beside others sees exactly what it would see alone. On CUDA the
+masks come from the device generator, in one kernel (MultiLoraLinear._dropout)."""
 
 from __future__ import annotations
 

@@ -385,10 +385,11 @@ def compile_decoder_layers(model, backend: str, gradient_checkpointing: bool) ->
     scales and sums) runs as a few fused kernels, forward and backward. Dynamic shapes: the number of slots in a
     step and the rows' width change from step to step. Evaluation runs the layers eagerly (LoraEngine.evaluate_many):
     one compiled variant less to build, for a small share of the time. Returns the number of layers compiled."""
-    if gradient_checkpointing:  # the checkpointed layer re-runs its forward in the backward, outside the graph
-        return 0
     layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
+    if gradient_checkpointing or not isinstance(layers, torch.nn.ModuleList):
+        # A checkpointed layer re-runs its forward in the backward, outside the compiled graph.
+        why = "gradient checkpointing is on" if gradient_checkpointing else "the decoder has no list of layers"
+        print(f"[lorasweep] engine: decoder layers not compiled: {why}", flush=True)
         return 0
     # The variants a study meets: the first layer's input needs no gradient (the others' do), with and without
     # dropout, one slot or several, each first with static then with dynamic shapes.

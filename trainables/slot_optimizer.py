@@ -45,7 +45,6 @@ class SlotAdamW:
 
     def __init__(self, weights: torch.nn.Parameter, params: list[torch.Tensor]):
         self.weights = weights
-        self.params = params
         self.moment1 = torch.zeros_like(weights, requires_grad=False)
         self.moment2 = torch.zeros_like(weights, requires_grad=False)
         self.exp_avg = [self._view_of(self.moment1, p) for p in params]

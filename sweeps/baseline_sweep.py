@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from sweeps.config import PROJECT_ROOT, load_config_for_script  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="the same YAML config lora_search.py takes")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.run_cap=4")
     args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"baseline_sweep: error: {err}", file=sys.stderr)
+    config = load_config_for_script("baseline_sweep", args.config, args.overrides)
+    if config is None:
         return 2
     summary = run_baseline(config)
     print(f"[baseline] {json.dumps(summary)}", flush=True)

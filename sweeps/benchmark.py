@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.outcomes import BASE_ROW_ID, rank_by_eval_loss  # noqa: E402
-from sweeps.config import PROJECT_ROOT, ConfigError, load_config  # noqa: E402
+from sweeps.config import PROJECT_ROOT, load_config_for_script  # noqa: E402
 
 WAYS = ("baseline", "lorasweep", "engine")
 
@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-model":
         make_shaped_model(args.shape, args.tokenizer_from, args.out)
         return 0
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"benchmark: error: {err}", file=sys.stderr)
+    config = load_config_for_script("benchmark", args.config, args.overrides)
+    if config is None:
         return 2
     figures = run_way(args.command, args.config, args.overrides, config)
     out = Path(config.output.dir).expanduser().resolve() / f"benchmark_{args.command}.json"

@@ -8,6 +8,7 @@ import importlib.util
 import math
 import re
 import string
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,16 @@ def load_config(config_path: str | None = None, overrides: list[str] | None = No
     config = _build(LorasweepConfig, merged, prefix="")
     _check_values(config)
     return config
+
+
+def load_config_for_script(program: str, config_path: str | None, overrides: list[str]) -> LorasweepConfig | None:
+    """load_config for the benchmark scripts: a refused config prints one line naming the script and gives None
+    (the script exits 2), as lora_search.py does, instead of a traceback."""
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return None
 
 
 def save_config(config: LorasweepConfig, path: Path) -> None:

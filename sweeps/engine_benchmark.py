@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import ConfigError, load_config  # noqa: E402
+from sweeps.config import load_config_for_script  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the engine's decoder layers compiled with torch.compile (trainables/engine.py)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"engine_benchmark: error: {err}", file=sys.stderr)
+    config = load_config_for_script("engine_benchmark", args.config, args.overrides)
+    if config is None:
         return 2
     figures = measure(config, args.model, args.slots, args.steps, args.dequantized_base, args.compile)
     print(render(figures))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.config import ConfigError, load_config  # noqa: E402
+from sweeps.config import load_config_for_script  # noqa: E402
 
 SAMPLERS = ("random", "TPE, Optuna 4 defaults", "TPE, as lorasweep sets it")
 
@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
     if min(args.budget, args.in_flight, args.seeds) < 1:
         parser.error("--budget, --in-flight and --seeds must be at least 1")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"sampler_benchmark: error: {err}", file=sys.stderr)
+    config = load_config_for_script("sampler_benchmark", args.config, args.overrides)
+    if config is None:
         return 2
     figures = measure(config, args.budget, args.in_flight, args.seeds)
     print(render(figures))

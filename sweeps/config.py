@@ -313,6 +313,11 @@ def _check_values(config: LorasweepConfig) -> None:
             raise ConfigError(f"data.{key}: must be between 0 and 0.5, got {getattr(config.data, key)!r}")
     if r.engine_slots < 0:
         raise ConfigError(f"resources.engine_slots: must be 0 (auto) or positive, got {r.engine_slots!r}")
+    if r.engine_compile and config.model.load_in_4bit and not r.engine_dequantize_base:
+        # Measured on an H200 (BENCHMARKS.md): the 8B shape's compiled step took 7.3 s against 1.1 s eager.
+        raise ConfigError("resources.engine_compile=true with resources.engine_dequantize_base=false: compiled layers "
+                          "over bitsandbytes' 4-bit matmuls ran 6x slower than eager ones; set "
+                          "resources.engine_dequantize_base=true (the default) or resources.engine_compile=false")
     if r.gpus_per_trial != -1 and r.gpus_per_trial < 0:
         raise ConfigError(f"resources.gpus_per_trial: must be -1 (auto), 0 or positive, got {r.gpus_per_trial!r}")
     if s.method != "grid" and e.top_k > s.run_cap:

@@ -2,7 +2,8 @@
 search space trained together, model FLOPs utilization against a bf16 matmul rate measured in the same run, GPU
 memory, and a breakdown of one engine step (base matmuls, LoRA, optimizer, the rest, and the time no kernel ran).
 
-    python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20
+    python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20 \
+        [resources.engine_compile=true] [resources.engine_dequantize_base=false]
 
 Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
 """
@@ -29,24 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, nargs="+", default=[1, 4, 16], help="adapters trained together")
     parser.add_argument("--steps", type=int, default=20, help="timed engine steps per measurement")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--dequantized-base", action="store_true",
-                        help="the engine's 4-bit base linears dequantized once to bf16 (trainables/engine.py)")
-    parser.add_argument("--compile", action="store_true",
-                        help="the engine's decoder layers compiled with torch.compile (trainables/engine.py)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)  # overrides before, between and after the flags
     config = load_config_for_script("engine_benchmark", args.config, args.overrides)
     if config is None:
         return 2
-    figures = measure(config, args.model, args.slots, args.steps, args.dequantized_base, args.compile)
+    figures = measure(config, args.model, args.slots, args.steps)
     print(render(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
-def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
-            dequantized_base: bool = False, compiled: bool = False) -> dict:
+def measure(config, model_path: str | None, slot_counts: list[int], steps: int) -> dict:
+    """The engine as a study runs it: the config's resources.engine_dequantize_base and resources.engine_compile
+    (set them with overrides to compare), the config's batch and search space."""
     import torch
 
     from sweeps.benchmark import linear_parameters_of, matmul_rate, prepared_data
@@ -65,6 +63,7 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
                          bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
                          bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
     max_rank = max(plan.values("lora_r", config.training.lora_r))
+    dequantized_base, compiled = config.resources.engine_dequantize_base, config.resources.engine_compile
     peak = matmul_rate() if cuda else None
     results = []
     for count in slot_counts:
@@ -76,7 +75,7 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int,
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    if dequantized_base:
+    if dequantized_base and precision == "4bit":
         path += ", base dequantized once to bf16"
     if compiled:
         path += ", decoder layers compiled"

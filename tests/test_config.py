@@ -69,6 +69,12 @@ def test_range_checks():
         load_config(None, ["sweep.run_cap=0"])
     with pytest.raises(ConfigError, match=r"eval.top_k \(7\) is larger than sweep.run_cap \(6\)"):
         load_config(None, ["eval.top_k=7"])
+    with pytest.raises(ConfigError, match=r"resources.engine_compile=true with resources.engine_dequantize_base=false"):
+        load_config(None, ["resources.engine_compile=true", "resources.engine_dequantize_base=false"])
+    # Compiled layers over a base dequantized once (the default), or over a base that is not 4-bit, are fine.
+    assert load_config(None, ["resources.engine_compile=true"]).resources.engine_compile
+    load_config(None, ["resources.engine_compile=true", "resources.engine_dequantize_base=false",
+                       "model.load_in_4bit=false"])
 
 
 def test_cli_exits_2_on_a_bad_config_and_writes_nothing(tmp_path, capsys):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, wrap_linear_layers
@@ -22,6 +23,11 @@ from trainables.slot_optimizer import SlotAdamW, lr_multiplier
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
 
+# Attention kernels the engine lets PyTorch's scaled_dot_product_attention choose from: not cuDNN's, which builds an
+# execution plan for each new shape, and an engine step's row width changes with nearly every step: ~2 ms of CPU per
+# call, forward and backward, a quarter of a SmolLM2 step on an H200 (BENCHMARKS.md). The memory-efficient kernel
+# takes the mask of the packed examples at the cost of a launch. The backward runs the forward's kernel's backward.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Tokens of all adapters' rows in one evaluation pass: bf16 logits over a 49k vocabulary are ~1.6 GB at 16k.
 EVAL_TOKENS_PER_PASS = 16384
@@ -260,7 +266,8 @@ class LoraEngine:
         # leaves norms, embeddings and the head in fp32, and without autocast attention and the head ran in fp32
         # (fp32 attention kernels seen in the H200 profile). No cache: with one, transformers skips finding the
         # packed examples in position_ids, and they would attend to each other.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda), \
+                sdpa_kernel(ATTENTION_BACKENDS):
             if self.head_alone:
                 hidden = self.model.get_decoder()(input_ids=layout.input_ids, position_ids=layout.position_ids,
                                                   use_cache=False).last_hidden_state

@@ -126,8 +126,9 @@ class ResourcesConfig:
     # GPU). Engine steps measured 1.5-2.5x faster on an H200 (BENCHMARKS.md). false: dequantize in every matmul.
     engine_dequantize_base: bool = True
     # With engine=shared on CUDA: each decoder layer compiled with torch.compile (Inductor), forward and backward, to
-    # cut the operators the CPU launches per step (the small model's engine step is launch-bound, BENCHMARKS.md).
-    # Off by default until measured on a GPU; compiling takes a while when the engine starts.
+    # cut the operators the CPU launches per step. On an H200 (BENCHMARKS.md) steps were 1.4-1.5x shorter, for 34-48 s
+    # of compiling when the engine starts: off by default, since that pays only beyond ~400-500 engine steps (an
+    # estimate), about twice gpu.yaml's study. Needs engine_dequantize_base with a 4-bit base.
     engine_compile: bool = False
 
 

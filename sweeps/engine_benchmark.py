@@ -191,9 +191,13 @@ def kernel_class(name: str) -> str:
         return "4-bit dequantize / gemm_4bit (base)"
     if "fmha" in lowered or "flash" in lowered or "attention" in lowered:
         return "attention (fp32)" if "_f32" in lowered else "attention"
+    if lowered.startswith("nvjet"):  # cuBLAS's Hopper matmuls: their names give no dtype
+        return "matmul (cuBLAS nvjet)"
     if "gemm" in lowered or "gemv" in lowered or "cutlass" in lowered or "xmma" in lowered:
         # bf16 kernels name their inputs bf16 (and often an f32 accumulator); fp32 ones f32f32, sgemm or ffma.
         return "matmul bf16" if "bf16" in lowered else "matmul fp32"
+    if lowered.startswith("triton_"):  # compiled layers: Inductor's fused kernels (elementwise, norms, reductions)
+        return "fused by Inductor (Triton)"
     if "softmax" in lowered or "cross_entropy" in lowered or "nll" in lowered:
         return "loss (softmax, cross-entropy)"
     if "elementwise" in lowered or "reduce" in lowered or "copy" in lowered or "index" in lowered or "cat" in lowered:

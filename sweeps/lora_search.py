@@ -244,6 +244,7 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     try:
         result_grid = run_sweep(plan, trainable, experiment_dir, config.output.name, config.tracking,
                                 config.resources.reuse_actors, config.resources.max_failures, callbacks)
+        print_engine_figures(engines)
     finally:
         for engine in engines:  # their GPU memory goes back before the evaluation stage starts
             ray.kill(engine)
@@ -335,6 +336,20 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
         # A client only waits on its engine: a small CPU share, so that the trials never wait for CPUs.
         {"cpu": 0.1, "gpu": 0})
     return engines, trainable, [ReleaseEngineSlots(names)], gpus_each
+
+
+def print_engine_figures(engines: list) -> None:
+    """Each engine's last word on where its time went (its progress line), before it is stopped: a sweep shorter
+    than the engine's 30 s between progress lines gets no other."""
+    import ray
+
+    from trainables.engine_actor import progress_line
+
+    for engine in engines:
+        try:
+            print(progress_line(ray.get(engine.figures.remote(), timeout=10)), flush=True)
+        except (ray.exceptions.RayError, TimeoutError) as err:  # figures only: the sweep's results are in
+            print(f"[lorasweep] engine: no figures ({type(err).__name__})", flush=True)
 
 
 class EvaluationStage:

@@ -220,7 +220,7 @@ def test_keyed_dropout_drops_the_rate_asked_and_depends_only_on_its_key():
 
 
 def test_device_generator_dropout_keeps_each_slots_rate_and_its_scale_carries_the_rescaling(base):
-    """CUDA's dropout path (masks from the device generator, one kernel for all rows): each row keeps 1 - p of its
+    """CUDA's dropout path (masks from the device generator, for all rows at once): each row keeps 1 - p of its
     features, and the 1 / (1 - p) of inverted dropout rides on every module's scale for that row."""
     engine = engine_for(base, slots=2)
     engine.routing.exact_dropout = False
@@ -347,6 +347,8 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
     assert kernel_class("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_ffma") == "matmul fp32"
     assert kernel_class("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention (fp32)"
+    assert kernel_class("nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_TNT") == "matmul (cuBLAS nvjet)"
+    assert kernel_class("triton_poi_fused__to_copy_add_mul_silu_2") == "fused by Inductor (Triton)"
 
 
 def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows):

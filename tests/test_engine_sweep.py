@@ -4,6 +4,7 @@ as with per-process trials, and the evaluation stage, the merge and the report r
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ def test_every_trial_trains_in_the_engine_and_gets_a_leaderboard_row(engine_swee
     output = proc.stdout + proc.stderr
     assert "shared-base engine: 1 engine(s) x 2 adapter slots" in output
     assert "trial path: shared-base engine" in output  # (Ray folds the same line of several trials into one)
+    # The engine's figures at the end of the sweep (the line with the most steps: the engine also prints one every
+    # 30 s): 3 trials x 6 steps over 2 slots took at least 9 engine steps.
+    lines = re.findall(r"\[lorasweep\] engine: (\d+) steps, ([\d.]+) adapters per step, ([\d.]+) ms per step", output)
+    steps, adapters_per_step, step_ms = max(lines, key=lambda line: int(line[0]))
+    assert int(steps) >= 9 and 1.0 <= float(adapters_per_step) <= 2.0 and float(step_ms) > 0
     plan = json.loads((experiment / "plan.json").read_text())
     assert plan["engine"] == "shared" and plan["engines"] == 1 and plan["gpus_per_trial"] == 0
     board = json.loads((experiment / "leaderboard.json").read_text())

@@ -168,6 +168,7 @@ class EngineServer:
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
                     "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
+                    "engine_uptime_s": round(time.time() - self.started_at, 1),
                     "engine_peak_memory_mib": round(_peak_memory_mib(), 1)}
 
     def _loop(self) -> None:
@@ -210,11 +211,7 @@ class EngineServer:
         if time.time() - self.progress_at < 30:
             return
         self.progress_at = time.time()
-        f = self.figures()
-        print(f"[lorasweep] engine: {f['engine_steps']} steps, {f['engine_adapters_per_step']} adapters per step, "
-              f"{f['engine_step_ms']} ms per step; of {time.time() - self.started_at:.0f} s: "
-              f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating, "
-              f"{f['engine_idle_seconds']:.0f} s waiting for requests", flush=True)
+        print(progress_line(self.figures()), flush=True)
 
     def _pending(self) -> list[int]:
         """Adapters with an evaluation ahead and no evaluation waiting for their trial (at most one ahead)."""
@@ -237,6 +234,16 @@ class EngineServer:
                                  "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen,
                                  "snapshot": self.engine.snapshot(slot)}
         return results
+
+
+def progress_line(figures: dict) -> str:
+    """Where an engine's time went, in one line (EngineServer.figures): printed every 30 s while it runs, and by the
+    driver when the sweep ends, which is the only line a sweep shorter than 30 s gets."""
+    f = figures
+    return (f"[lorasweep] engine: {f['engine_steps']} steps, {f['engine_adapters_per_step']} adapters per step, "
+            f"{f['engine_step_ms']} ms per step; of {f['engine_uptime_s']:.0f} s since its base was loaded: "
+            f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating, "
+            f"{f['engine_idle_seconds']:.0f} s waiting for requests")
 
 
 def _node_id() -> str:

@@ -13,7 +13,7 @@ zero. The base matmul runs once over all slots' tokens.
 Dropout on CPU (the tests' reference) is drawn from a counter-based hash of (slot seed, slot step, module, token
 position within the slot, feature), not from the global RNG, so that an adapter's masks do not depend on which
 neighbours share its step: an adapter trained beside others sees exactly what it would see alone. On CUDA the
-masks come from the device generator, in one kernel (MultiLoraLinear._dropout)."""
+masks come from the device generator, for all rows at once (MultiLoraLinear._dropout)."""
 
 from __future__ import annotations
 
@@ -135,10 +135,13 @@ class MultiLoraLinear(nn.Module):
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
                               for p_i, (seed, step) in zip(p.flatten().tolist(), self.routing.dropout_keys)])
         else:
-            # The device generator, in one kernel for all rows: each adapter's masks have the distribution of its
-            # own, but depend on the step's neighbours. The keyed masks above are exact, and what the CPU tests
-            # check, but cost a dozen passes over the activations without a fused kernel: the CUDA default.
-            keep = torch.empty_like(rows).bernoulli_(1.0 - p)
+            # The device generator, for all rows at once: each adapter's masks have the distribution of its own,
+            # but depend on the step's neighbours. The keyed masks above are exact, and what the CPU tests check,
+            # but cost a dozen passes over the activations without a fused kernel: the CUDA default. Uniform numbers
+            # compared with each row's p rather than bernoulli_ with a tensor of probabilities: that one is a slow
+            # kernel of its own, 14 ms of a compiled 8B-shape step on the H200 (BENCHMARKS.md), where Inductor can fuse
+            # the draw, the comparison and the product. fp32 draws whatever the rows' dtype: the rate stays exact.
+            return rows * (torch.rand_like(rows, dtype=torch.float32) >= p)
         return rows * keep
 
 

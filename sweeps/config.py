@@ -130,6 +130,10 @@ class ResourcesConfig:
     # of compiling when the engine starts: off by default, since that pays only beyond ~400-500 engine steps (an
     # estimate), about twice gpu.yaml's study. Needs engine_dequantize_base with a 4-bit base.
     engine_compile: bool = False
+    # With engine=shared on CUDA: the engine's forward, loss and backward captured as CUDA graphs over bucketed shapes
+    # and replayed (trainables/graphed_step.py), so that the CPU no longer launches each operator of a step. Off by
+    # default: not yet measured on a GPU. Costs 12 bytes per adapter parameter more GPU memory.
+    engine_cuda_graphs: bool = False
 
 
 @dataclass

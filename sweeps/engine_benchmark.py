@@ -3,7 +3,7 @@ search space trained together, model FLOPs utilization against a bf16 matmul rat
 memory, and a breakdown of one engine step (base matmuls, LoRA, optimizer, the rest, and the time no kernel ran).
 
     python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20 \
-        [resources.engine_compile=true] [resources.engine_dequantize_base=false]
+        [resources.engine_compile=true] [resources.engine_cuda_graphs=true] [resources.engine_dequantize_base=false]
 
 Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
 """
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(config, model_path: str | None, slot_counts: list[int], steps: int) -> dict:
-    """The engine as a study runs it: the config's resources.engine_dequantize_base and resources.engine_compile
-    (set them with overrides to compare), the config's batch and search space."""
+    """The engine as a study runs it: the config's resources.engine_dequantize_base, engine_compile and
+    engine_cuda_graphs (set them with overrides to compare), the config's batch and search space."""
     import torch
 
     from sweeps.benchmark import linear_parameters_of, matmul_rate, prepared_data
@@ -63,12 +63,14 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
                          bnb_4bit_quant_type=config.model.bnb_4bit_quant_type,
                          bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
     max_rank = max(plan.values("lora_r", config.training.lora_r))
-    dequantized_base, compiled = config.resources.engine_dequantize_base, config.resources.engine_compile
+    resources = config.resources
+    dequantized_base, compiled, graphed = resources.engine_dequantize_base, resources.engine_compile, \
+        resources.engine_cuda_graphs
     peak = matmul_rate() if cuda else None
     results = []
     for count in slot_counts:
         engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base,
-                            compile_backend="inductor" if compiled else None)
+                            compile_backend="inductor" if compiled else None, cuda_graphs=graphed)
         for training in adapters_of_the_space(config, plan, count):
             engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
         results.append(time_steps(engine, steps, peak, linear_parameters_of(model_dir)))
@@ -79,6 +81,8 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
         path += ", base dequantized once to bf16"
     if compiled:
         path += ", decoder layers compiled"
+    if graphed:
+        path += ", steps as CUDA graphs" if cuda else ", bucketed steps (CUDA graphs on a GPU)"
     return {"model": base.model_dir, "path": path, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "bf16_matmul_tflops": peak, "batch": config.training.per_device_train_batch_size,
             "date": time.strftime("%Y-%m-%d"), "runs": results}

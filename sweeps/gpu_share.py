@@ -65,7 +65,7 @@ def engine_fits(memory: TrialMemory) -> tuple[bool, str]:
 
 def largest_engine_memory(plan: SweepPlan, training: TrainingConfig, model_dir: str, precision: str,
                           dequantized_base: bool, slots: int, mean_row: float,
-                          trust_remote_code: bool = False) -> TrialMemory:
+                          trust_remote_code: bool = False, cuda_graphs: bool = False) -> TrialMemory:
     """The estimate for an engine whose every slot holds the search space's largest micro-batch of rows of the mean
     length: a step whose rows are longer than that and runs out of memory is retried in pieces by the engine (the
     same effective batch), whereas the base and the adapter slots must fit."""
@@ -75,7 +75,8 @@ def largest_engine_memory(plan: SweepPlan, training: TrainingConfig, model_dir: 
         seq_len=round(mean_row),
         gradient_checkpointing=all(plan.values("gradient_checkpointing", training.gradient_checkpointing)),
         trust_remote_code=trust_remote_code,
-        gradient_accumulation=max(plan.values("gradient_accumulation_steps", training.gradient_accumulation_steps)) > 1)
+        gradient_accumulation=max(plan.values("gradient_accumulation_steps", training.gradient_accumulation_steps)) > 1,
+        cuda_graphs=cuda_graphs)
 
 
 def check_cpus_fit(resources: ResourcesConfig, trial_gpus: float, eval_gpus: float) -> None:

@@ -199,7 +199,7 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
         fits, why = engine_fits(largest_engine_memory(
             plan, training, model_dir, gpu_precision, config.resources.engine_dequantize_base,
             engine_slot_count(config.resources, plan, cluster_gpus), mean_row_tokens(splits),
-            model.trust_remote_code))
+            model.trust_remote_code, config.resources.engine_cuda_graphs))
         if not fits and config.resources.engine == "shared":
             raise ConfigError(f"resources.engine=shared: {why}; lower sweep.max_concurrent_trials (or "
                               f"resources.engine_slots), training.per_device_train_batch_size or the searched "
@@ -328,7 +328,7 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
                             config.training.gradient_checkpointing, splits["train"], splits["validation"],
                             restarts=resources.max_failures, dequantized_base=resources.engine_dequantize_base,
-                            compile_layers=resources.engine_compile)
+                            compile_layers=resources.engine_compile, cuda_graphs=resources.engine_cuda_graphs)
     names = [ENGINE_NAME.format(index=i) for i in range(count)]
     trainable = tune.with_resources(
         tune.with_parameters(train_engine_trial, training=config.training, base=base,

@@ -87,7 +87,8 @@ def measure(config, budget: int, in_flight: int, seeds: int) -> dict:
                          bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
     engine = LoraEngine(base, slots=in_flight, max_rank=max(plan.values("lora_r", config.training.lora_r)),
                         dequantized_base=config.resources.engine_dequantize_base,
-                        compile_backend="inductor" if config.resources.engine_compile and cuda else None)
+                        compile_backend="inductor" if config.resources.engine_compile and cuda else None,
+                        cuda_graphs=config.resources.engine_cuda_graphs and cuda)
     studies = []
     for name in SAMPLERS:
         for seed in range(seeds):

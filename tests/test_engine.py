@@ -100,7 +100,7 @@ def test_the_engine_computes_what_peft_and_torch_adamw_compute(base, rows, tmp_p
     from peft import PeftModel
     from transformers import get_scheduler
 
-    from trainables.engine import _flat_layout
+    from trainables.step_layout import flat_layout
     from trainables.slot_optimizer import BETAS, EPS, MAX_GRAD_NORM
 
     config = TrainingConfig(**{**SUBJECT.__dict__, "lora_dropout": 0.0})
@@ -131,7 +131,7 @@ def test_the_engine_computes_what_peft_and_torch_adamw_compute(base, rows, tmp_p
             window.append(batch)
         targets = sum(sum(r["completion_mask"][1:]) for batch in window for r in batch)
         for batch in window:
-            layout = _flat_layout({0: batch}, "cpu")
+            layout = flat_layout({0: batch}, "cpu")
             # use_cache=False as the engine does: with a cache, transformers does not keep packed examples apart.
             logits = peft_model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False).logits[0]
             # Over every position (the engine computes the head only where a completion token is predicted).
@@ -306,6 +306,52 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_model_dir, rows, t
     # Compiled variants: the first layer's input without a gradient and the others' with, dropout on and off, one
     # slot and several, static then dynamic shapes; not one per layer, module or slot range.
     assert 0 < compiled_graphs <= 8 and breaks == 0  # 4 measured; 12 when each layer compiled its own
+
+
+def test_bucketed_steps_train_as_the_plain_ones_and_contain_a_divergence(base, rows):
+    """resources.engine_cuda_graphs: the step laid out in buckets (rows padded to a power of two with filler rows,
+    widths and loss positions padded, the attention mask made from the position ids, the gradient taken with
+    autograd.grad and added to the slots'), run eagerly here as on CUDA before a bucket is captured: the same losses,
+    weights and evaluations as the plain step, with 3, 2 and then 1 adapters per step, and a neighbour whose
+    learning rate blows up failing alone."""
+    adapters = [dataclasses.replace(SUBJECT, lora_dropout=0.0), dataclasses.replace(NEIGHBOURS[0], lora_dropout=0.0),
+                dataclasses.replace(NEIGHBOURS[2], lora_dropout=0.0, max_steps=8),
+                dataclasses.replace(NEIGHBOURS[1], lora_dropout=0.0, learning_rate=1e30)]
+    results = []
+    for cuda_graphs in (False, True):
+        engine = LoraEngine(base, slots=4, max_rank=MAX_RANK, cuda_graphs=cuda_graphs)
+        engine.model.float()
+        for index, config in enumerate(adapters):
+            engine.add(f"a{index}", config, rows["train"], rows["validation"])
+        results.append((engine, train(engine), engine.evaluate_many([0, 1, 2])))
+    (plain, plain_losses, plain_eval), (bucketed, bucketed_losses, bucketed_eval) = results
+    assert [len(bucketed_losses[s]) for s in range(3)] == [12, 4, 8]  # micro-batches: the slots left one by one
+    assert bucketed.adapters[3].failure and all(bucketed.adapters[s].failure is None for s in range(3))
+    for slot in range(3):
+        assert bucketed_losses[slot] == pytest.approx(plain_losses[slot], rel=1e-5)
+        assert bucketed_eval[slot] == pytest.approx(plain_eval[slot], rel=1e-5)
+        for name, weights in subject_weights(plain, slot).items():
+            assert torch.allclose(subject_weights(bucketed, slot)[name], weights, atol=1e-5), name
+    # Buckets of 4 rows (4 adapters, then 3 and a filler row), 2 and 1; widths padded to WIDTH_STEP.
+    from trainables.graphed_step import WIDTH_STEP
+
+    assert {rows for rows, _, _, _ in bucketed.graphed.buckets} == {4, 2, 1}
+    assert all(width % WIDTH_STEP == 0 for _, width, _, _ in bucketed.graphed.buckets)
+
+
+def test_the_packed_examples_mask_is_transformers_mask():
+    """The bucketed step's attention mask, made on the device from the position ids, is the one transformers makes
+    from them for packed examples (each example attends to itself, causally)."""
+    from trainables.graphed_step import packed_causal_mask
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    mask = packed_causal_mask(positions)
+    assert mask.shape == (2, 1, 9, 9)
+    example = [[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    for row in range(2):
+        for i in range(9):
+            for j in range(9):
+                assert mask[row, 0, i, j].item() == (j <= i and example[row][i] == example[row][j])
 
 
 def test_gradient_checkpointing_trains_as_without_it(tiny_model_dir, rows):

@@ -67,14 +67,15 @@ def test_cuda_oom_retries_once_with_half_the_micro_batch(tiny_model_dir, tiny_da
 
 
 @pytest.mark.parametrize("options", [{}, {"dequantized_base": True},
-                                     {"dequantized_base": True, "compile_backend": "inductor"}],
-                         ids=["4bit-per-matmul", "dequantized-once", "compiled-layers"])
+                                     {"dequantized_base": True, "compile_backend": "inductor"},
+                                     {"dequantized_base": True, "cuda_graphs": True}],
+                         ids=["4bit-per-matmul", "dequantized-once", "compiled-layers", "cuda-graphs"])
 def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contains_a_divergence(options, tiny_model_dir,
                                                                                               tiny_data_dir):
-    """The shared-base engine's CUDA path (4-bit NF4 base, batched LoRA; also dequantized once, and with the decoder
-    layers compiled by Inductor): the subject's losses beside three neighbours match its losses alone within bf16
-    noise (no dropout: CUDA masks come from the CUDA generator), and a neighbour whose learning rate blows up fails
-    without touching it."""
+    """The shared-base engine's CUDA path (4-bit NF4 base, batched LoRA; also dequantized once, with the decoder
+    layers compiled by Inductor, and with the steps captured as CUDA graphs): the subject's losses beside three
+    neighbours match its losses alone within bf16 noise (no dropout: CUDA masks come from the CUDA generator), and a
+    neighbour whose learning rate blows up fails without touching it."""
     from test_engine import NEIGHBOURS, SUBJECT, train
 
     from trainables.engine import LoraEngine
@@ -95,3 +96,5 @@ def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contain
     assert losses[slot] == pytest.approx(train(alone)[0], rel=2e-2)
     assert together.adapters[0].failure and together.adapters[slot].failure is None
     assert together.evaluate(slot) == pytest.approx(alone.evaluate(0), rel=2e-2)
+    if options.get("cuda_graphs"):  # buckets met more than once were captured and replayed
+        assert any(bucket.graph is not None for bucket in together.graphed.buckets.values())

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainables.graphed_step import GraphedSteps
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, wrap_linear_layers
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
+from trainables.step_layout import Layout, flat_layout, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
 
@@ -64,7 +66,7 @@ class LoraEngine:
     """A frozen base with `slots` adapter slots of rank up to `max_rank`."""
 
     def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool = False,
-                 dequantized_base: bool = False, compile_backend: str | None = None):
+                 dequantized_base: bool = False, compile_backend: str | None = None, cuda_graphs: bool = False):
         from trainables.model_loading import load_base_for_training
 
         self.base_spec = base
@@ -74,7 +76,9 @@ class LoraEngine:
         self.routing, self.modules, weights = wrap_linear_layers(self.model, slots, max_rank)
         if dequantized_base:
             dequantize_linear_layers(self.modules.values())
-        self.routing.exact_dropout = base.device != "cuda"
+        # Keyed dropout masks (exact beside any neighbours) on CPU, the CPU tests' reference; the device generator's
+        # on CUDA, and in bucketed steps (keyed masks need each row's key on the CPU).
+        self.routing.exact_dropout = base.device != "cuda" and not cuda_graphs
         # The dtype of the LoRA matmuls: bf16 under the engine's CUDA autocast (_token_losses); fp32 on CPU.
         self.compute_dtype = torch.bfloat16 if base.device == "cuda" else None
         # The output head only where a completion token is predicted (a fifth of the positions for short labels):
@@ -90,6 +94,9 @@ class LoraEngine:
         self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
         self.optimizer = SlotAdamW(weights, params)
+        # CUDA graphs of the step over bucketed shapes (trainables/graphed_step.py); on CPU the same bucketed step
+        # runs eagerly (what the tests check).
+        self.graphed = GraphedSteps(self) if cuda_graphs else None
 
     # ------------------------------------------------------------------------------------------- slots
 
@@ -177,7 +184,7 @@ class LoraEngine:
             t = adapter.training
             adapter.window = [self._draw_rows(adapter, t.per_device_train_batch_size)
                               for _ in range(t.gradient_accumulation_steps)]
-            adapter.window_targets = sum(_target_count(row) for batch in adapter.window for row in batch)
+            adapter.window_targets = sum(target_count(row) for batch in adapter.window for row in batch)
         return adapter.window.pop(0)
 
     def _draw_rows(self, adapter: Adapter, count: int) -> list[dict]:
@@ -231,8 +238,12 @@ class LoraEngine:
             part = {slot: rows for slot, rows in part.items() if rows}
             if not part:
                 continue
+            if self.graphed is not None:
+                for slot, loss in self.graphed.losses_and_backward(part).items():
+                    losses[slot] += loss
+                continue
             with torch.profiler.record_function("lorasweep: batch layout"):
-                layout = _flat_layout(part, self.model.device)
+                layout = flat_layout(part, self.model.device)
             self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
                              self.model.device, any(self.adapters[s].training.lora_dropout for s in part),
                              self.compute_dtype)
@@ -243,7 +254,7 @@ class LoraEngine:
                 self.routing.clear()
         return losses
 
-    def _losses_and_backward(self, layout: "_Layout") -> dict[int, float]:
+    def _losses_and_backward(self, layout: Layout) -> dict[int, float]:
         slots = [slot for slot, _, _ in layout.segments if slot >= 0]  # one row each, in the layout's order
         # The record_function labels name the step's phases in a profile (sweeps/engine_benchmark.py); free otherwise.
         with torch.profiler.record_function("lorasweep: forward and loss"):
@@ -260,23 +271,29 @@ class LoraEngine:
         adapter = self.adapters[slot]
         return adapter.step * adapter.training.gradient_accumulation_steps + adapter.micro_step
 
-    def _token_losses(self, layout: "_Layout") -> torch.Tensor:
-        """Cross-entropy of every flattened position against its target (0 where it has none)."""
+    def _token_losses(self, layout: Layout, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of every flattened position against its target (0 where it has none). `attention_mask`: the
+        packed examples' 4D mask, made by the caller (trainables/graphed_step.py) rather than by transformers from
+        position_ids, which reads values on the CPU."""
         # bf16 autocast on CUDA, as the Trainer runs the per-process path (bf16=True): prepare_model_for_kbit_training
         # leaves norms, embeddings and the head in fp32, and without autocast attention and the head ran in fp32
         # (fp32 attention kernels seen in the H200 profile). No cache: with one, transformers skips finding the
         # packed examples in position_ids, and they would attend to each other.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda), \
+        # The autocast cache is off: it holds casts of weights that need gradients, which the base's do not, and a
+        # CUDA graph cannot capture it.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda, cache_enabled=False), \
                 sdpa_kernel(ATTENTION_BACKENDS):
+            inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
+                      "attention_mask": attention_mask, "use_cache": False}
             if self.head_alone:
-                hidden = self.model.get_decoder()(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                                                  use_cache=False).last_hidden_state
+                hidden = self.model.get_decoder()(**inputs).last_hidden_state
                 logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, layout.kept))
             else:
-                logits = self.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
-                                    use_cache=False).logits.flatten(0, 1).index_select(0, layout.kept)
+                logits = self.model(**inputs).logits.flatten(0, 1).index_select(0, layout.kept)
         losses = torch.nn.functional.cross_entropy(logits.float(), layout.kept_targets, reduction="none")
-        return torch.zeros(layout.length, device=losses.device, dtype=losses.dtype).index_copy(0, layout.kept, losses)
+        # Added rather than copied in: a CUDA graph's kept positions are padded with position 0, whose target is none
+        # (-100, a loss of 0), so position 0 may appear more than once.
+        return torch.zeros(layout.length, device=losses.device, dtype=losses.dtype).index_add(0, layout.kept, losses)
 
     # -------------------------------------------------------------------------------------------- evaluation
 
@@ -305,14 +322,14 @@ class LoraEngine:
             size = max(size, EVAL_TOKENS_PER_PASS // (mean_tokens * len(group)))
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
-                layout = _flat_layout({slot: batch for slot in group}, self.model.device)
+                layout = flat_layout({slot: batch for slot in group}, self.model.device)
                 self.routing.set(group, None, self.model.device, any_dropout=False, compute_dtype=self.compute_dtype)
                 try:
                     token_losses = self._token_losses(layout)
                 finally:
                     self.routing.clear()
                 sums = token_losses.view(len(group), -1).sum(dim=1)  # a row per adapter; padding has no targets
-                targets = sum(_target_count(row) for row in batch)  # the same rows in every adapter's row
+                targets = sum(target_count(row) for row in batch)  # the same rows in every adapter's row
                 for slot, value in zip(group, sums.tolist()):
                     nll[slot] += value
                     count[slot] += targets
@@ -456,52 +473,6 @@ class Snapshot:
         self.config.save_pretrained(str(directory))
         save_file(self.weights, str(directory / "adapter_model.safetensors"))
         torch.save(self.state, directory / ENGINE_STATE_FILE)
-
-
-def _target_count(row: dict) -> int:
-    """Positions whose next token is a completion token: what the completion-only loss averages over."""
-    return sum(row["completion_mask"][1:])
-
-
-@dataclass
-class _Layout:
-    input_ids: torch.Tensor  # [slots, L]
-    position_ids: torch.Tensor  # [slots, L], restarting at 0 for every example: examples do not attend to each other
-    kept: torch.Tensor  # the flattened positions whose next token is a completion token (the loss's positions)
-    kept_targets: torch.Tensor  # that next token, per kept position
-    length: int  # slots * L
-    segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
-
-
-def _flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0) -> _Layout:
-    """One row per slot, its examples packed without padding between them (as TRL's padding_free packs them), the
-    rows padded at the end to the longest with one dummy sequence (its own positions, no targets). A row per
-    slot rather than one flat sequence for all: attention computes masked-out scores as 0 times the values, and a
-    diverging adapter's inf or NaN values would reach its neighbours through those zeros (0 * NaN = NaN)."""
-    rows = {}
-    for slot, examples in batches.items():
-        ids, positions, targets = [], [], []
-        for example in examples:
-            tokens, mask = example["input_ids"], example["completion_mask"]
-            ids += tokens
-            positions += range(len(tokens))
-            targets += [t if m else -100 for t, m in zip(tokens[1:], mask[1:])] + [-100]
-        rows[slot] = (ids, positions, targets)
-    width = max(len(ids) for ids, _, _ in rows.values())
-    all_ids, all_positions, all_targets, segments = [], [], [], []
-    for slot, (ids, positions, targets) in rows.items():
-        start, pad = len(all_targets), width - len(ids)
-        all_ids.append(ids + [pad_token_id] * pad)
-        all_positions.append(positions + list(range(pad)))
-        all_targets += targets + [-100] * pad
-        segments.append((slot, start, start + len(ids)))
-        if pad:
-            segments.append((-1, start + len(ids), start + width))
-    kept = [position for position, target in enumerate(all_targets) if target != -100]
-    return _Layout(torch.tensor(all_ids, device=device), torch.tensor(all_positions, device=device),
-                   torch.tensor(kept, device=device, dtype=torch.long),
-                   torch.tensor([all_targets[position] for position in kept], device=device, dtype=torch.long),
-                   len(all_targets), segments)
 
 
 @torch.no_grad()

@@ -38,14 +38,17 @@ class EngineServer:
     """Owns a LoraEngine and the stepping thread; every public method is safe to call from many threads."""
 
     def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool,
-                 dequantized_base: bool, compile_layers: bool, train_rows: list[dict], eval_rows: list[dict]):
+                 dequantized_base: bool, compile_layers: bool, cuda_graphs: bool, train_rows: list[dict],
+                 eval_rows: list[dict]):
         from trainables.engine import LoraEngine
         from trainables.model_loading import load_tokenizer
 
         started = time.time()
-        # Compiled on CUDA only: on CPU the engine is the reference, and Inductor would need a C++ compiler there.
+        # Compiled and graphed on CUDA only: on CPU the engine is the reference, Inductor would need a C++ compiler,
+        # and there are no launches to save.
+        cuda = base.device == "cuda"
         self.engine = LoraEngine(base, slots, max_rank, gradient_checkpointing, dequantized_base,
-                                 "inductor" if compile_layers and base.device == "cuda" else None)
+                                 "inductor" if compile_layers and cuda else None, cuda_graphs and cuda)
         self.tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)
         self.startup_s = round(time.time() - started, 2)
         self.incarnation = uuid.uuid4().hex  # a restarted engine has a new one, and none of the old adapters
@@ -267,7 +270,7 @@ _rows_kept_for_restarts: list = []  # in the driver: the engines' constructor ar
 
 def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseModelSpec, slots: int, max_rank: int,
                   gradient_checkpointing: bool, train_rows: list[dict], eval_rows: list[dict], restarts: int,
-                  dequantized_base: bool = True, compile_layers: bool = False) -> list:
+                  dequantized_base: bool = True, compile_layers: bool = False, cuda_graphs: bool = False) -> list:
     """`count` named engine actors (one per GPU), their bases loaded; returns their handles. An engine whose
     process is lost (killed, its node gone) is started again by Ray up to `restarts` times, under the same name
     and with an empty slot table: its trials fail with the engine, and Tune's FailureConfig retries each from its
@@ -282,7 +285,8 @@ def start_engines(count: int, gpus_each: float, cpus_each: float, base: BaseMode
     engines = [actor.options(name=ENGINE_NAME.format(index=i), namespace=ENGINE_NAMESPACE, num_gpus=gpus_each,
                              num_cpus=cpus_each, max_concurrency=4 * slots + 8,
                              max_restarts=restarts).remote(
-                                 base, slots, max_rank, gradient_checkpointing, dequantized_base, compile_layers, *rows)
+                                 base, slots, max_rank, gradient_checkpointing, dequantized_base, compile_layers,
+                                 cuda_graphs, *rows)
                for i in range(count)]
     ray.get([engine.free_slots.remote() for engine in engines])  # every base loaded before the first trial
     return engines

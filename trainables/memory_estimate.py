@@ -91,11 +91,13 @@ def estimate_trial_memory(model_dir: str, precision: str, lora_r: int, target_mo
 
 def estimate_engine_memory(model_dir: str, precision: str, dequantized_base: bool, slots: int, max_rank: int,
                            batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                           trust_remote_code: bool = False, gradient_accumulation: bool = False) -> TrialMemory:
+                           trust_remote_code: bool = False, gradient_accumulation: bool = False,
+                           cuda_graphs: bool = False) -> TrialMemory:
     """Peak GPU memory of a shared-base engine (trainables/engine.py) with every slot busy, in MiB, erring high:
     one base; every linear layer's stacked slots at the largest rank, whatever each adapter targets (the engine
     allocates them so): fp32 weights, gradients and two moments, the step's bf16 copy of the weights (Routing.set),
-    and with gradient accumulation the gradients set aside during a backward (SlotAdamW.set_aside_gradients); each
+    and with gradient accumulation the gradients set aside during a backward (SlotAdamW.set_aside_gradients); with
+    CUDA graphs the step's fp32 gather of the weights, its gradient and the graphs' output buffer (graphed_step); each
     slot's micro-batch of `batch_size` rows of `seq_len` tokens; logits only at completion positions, counted as if
     every position were one."""
     shapes = _shapes(model_dir, trust_remote_code)
@@ -105,7 +107,7 @@ def estimate_engine_memory(model_dir: str, precision: str, dequantized_base: boo
     else:  # bf16 linears (dequantized once, or a bf16 base); fp32 embeddings and norms after k-bit preparation
         base = linear_params * 2 + shapes.other_params * 4
     adapter = slots * max_rank * sum(m.in_features + m.out_features for _, m in shapes.linears) * \
-        (22 if gradient_accumulation else 18)
+        ((22 if gradient_accumulation else 18) + (12 if cuda_graphs else 0))
     tokens = slots * batch_size * seq_len
     activations = _activations(shapes, tokens, sum(m.in_features for _, m in shapes.linears) / shapes.layers,
                                gradient_checkpointing)

@@ -30,18 +30,17 @@ _MASK32 = 0xFFFFFFFF
 class Routing:
     """What every MultiLoraLinear of a model shares: the adapters' weights (`weights`, slot-major, every module's A
     and B side by side), the slots' settings (each module's scale per slot, each slot's dropout) and the current
-    step's layout. The batch has one row per slot (its micro-batch packed into that row); `index[i]` is row i's
-    slot, and `dropout_keys` each row's dropout key (the adapter's seed and its own micro-step); no key: no dropout
-    (evaluation)."""
+    step's adapters. The batch has one row per slot (its micro-batch packed into that row), in the order of the slots
+    given to `set`, and `dropout_keys` holds each row's dropout key (the adapter's seed and its own micro-step); no
+    key: no dropout (evaluation)."""
 
     weights: nn.Parameter  # [slots, every module's R * d_in + d_out * R]: the one leaf the optimizer updates
     modules: list  # the MultiLoraLinear wrappers, in the order of their pieces of `weights`
     scales: torch.Tensor  # [modules, slots]: lora_alpha / r where the slot adapts the module, else 0
     dropout: torch.Tensor  # [slots]
     dropout_keys: list[tuple[int, int]] | None = None
-    # Keyed masks (exact beside any neighbours) or the device generator's (one kernel): see _dropout.
+    # Keyed masks (exact beside any neighbours) or the device generator's: see _dropout.
     exact_dropout: bool = True
-    index: torch.Tensor | None = None
     step_dropout: torch.Tensor | None = None  # [rows, 1, 1]
     any_dropout: bool = False
 
@@ -54,13 +53,20 @@ class Routing:
         module and step that left no kernels of its own to launch, forward or backward (the split's backward is one
         concatenation): a small model's step is bound by launches."""
         self.dropout_keys = dropout_keys
-        self.index = torch.tensor(slots, device=device)
-        self.any_dropout = any_dropout and dropout_keys is not None
+        index = torch.tensor(slots, device=device)
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots))
-        weights = self.weights[rows] if consecutive else self.weights.index_select(0, self.index)
-        scales = self.scales[:, rows] if consecutive else self.scales.index_select(1, self.index)
-        dropout = self.dropout[rows] if consecutive else self.dropout.index_select(0, self.index)
+        weights = self.weights[rows] if consecutive else self.weights.index_select(0, index)
+        scales = self.scales[:, rows] if consecutive else self.scales.index_select(1, index)
+        dropout = self.dropout[rows] if consecutive else self.dropout.index_select(0, index)
+        self.assign(weights, scales, dropout, any_dropout and dropout_keys is not None, compute_dtype)
+
+    def assign(self, weights: torch.Tensor, scales: torch.Tensor, dropout: torch.Tensor, any_dropout: bool,
+               compute_dtype: torch.dtype | None) -> None:
+        """The step's rows of `weights` [rows, N], `scales` [modules, rows] and `dropout` [rows], cast and split into
+        every module's step tensors. Tensor operations only, no values read: a CUDA graph can capture it
+        (trainables/graphed_step.py)."""
+        self.any_dropout = any_dropout
         self.step_dropout = dropout.view(-1, 1, 1)
         if self.any_dropout:  # inverted dropout's 1 / (1 - p), on every module's scale at once (MultiLoraLinear._dropout)
             scales = scales / (1.0 - dropout)
@@ -68,14 +74,14 @@ class Routing:
             weights, scales = weights.to(compute_dtype), scales.to(compute_dtype)
         pieces = weights.split([size for module in self.modules for size in module.piece_sizes], dim=1)
         module_scales = scales.split(1, dim=0)
-        count = len(slots)
+        count = weights.shape[0]
         for number, module in enumerate(self.modules):
             module.step_a_t = pieces[2 * number].view(count, module.in_features, -1)
             module.step_b_t = pieces[2 * number + 1].view(count, -1, module.out_features)
             module.step_scale = module_scales[number].view(count, 1, 1)
 
     def clear(self) -> None:
-        self.dropout_keys, self.index, self.step_dropout, self.any_dropout = None, None, None, False
+        self.dropout_keys, self.step_dropout, self.any_dropout = None, None, False
         for module in self.modules:
             module.step_a_t = module.step_b_t = module.step_scale = None
 

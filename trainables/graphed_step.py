@@ -1,0 +1,178 @@
+"""The engine's forward, loss and backward as CUDA graphs (resources.engine_cuda_graphs): one graph per bucket of
+shapes, replayed with the step's data copied into its input buffers. An eager step of a small model is bound by the
+CPU launching ~27,000 operators (~225 ms for 16 SmolLM2-shaped adapters on an H200, of which ~140 ms of kernels:
+BENCHMARKS.md); a replay launches them all at once.
+
+A graph replays fixed shapes and fixed memory, so a step is laid out in buckets: its adapters' rows padded to a
+power of two (filler rows run the base alone and have no targets: a loss and gradient of exactly 0), the
+row width rounded up to a multiple of WIDTH_STEP (a dummy sequence, as the eager layout pads), and the positions
+whose loss counts padded to a multiple of KEPT_STEP (position 0, whose target is none: a loss of 0). Nothing in the
+captured work reads a value on the CPU: the slots' rows of the adapter weights are gathered by an index tensor, the
+packed examples' attention mask is made from the position ids on the device, and the gradient comes out of the
+graph as a tensor (torch.autograd.grad) that the engine adds to the slots' gradients outside it.
+
+A bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces, lazy
+initialization), its second is captured and replayed; all graphs share one memory pool, which is safe because they
+run one at a time and copy their outputs out of the pool, into buffers of their own. On CPU (the tests) every
+step runs the same bucketed work eagerly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainables.step_layout import Layout, flat_layout
+
+WIDTH_STEP = 64  # row widths are rounded up to a multiple of this (also the memory-efficient attention's alignment)
+KEPT_STEP = 256  # positions with a loss, rounded up to a multiple of this
+
+
+@dataclass
+class _Buffers:
+    """A bucket's inputs (rows x width), on the device; their addresses are what a captured graph reads."""
+
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]
+    kept: torch.Tensor  # [kept]: flattened positions whose loss counts, padded with position 0
+    kept_targets: torch.Tensor  # [kept]: their next tokens, -100 for the padding
+    index: torch.Tensor  # [rows]: each row's slot (filler rows repeat the first slot)
+    live: torch.Tensor  # [rows]: 1 for a slot's row, 0 for a filler row (its LoRA scales are zeroed)
+    divisors: torch.Tensor  # [rows]: each row's adapter's completion tokens over its accumulation window
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class _Bucket:
+    buffers: _Buffers
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class GraphedSteps:
+    """The bucketed step of a LoraEngine, captured as CUDA graphs on CUDA."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.capture = engine.model.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.buckets: dict[tuple, _Bucket] = {}
+        # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
+        # hold a [rows, adapter weights] gradient per bucket (5.6 GB for 8 rank-64 adapters of an 8B model).
+        weights = engine.routing.weights
+        self.losses_out = torch.zeros(weights.shape[0], device=weights.device)
+        self.grads_out = torch.zeros_like(weights) if self.capture else None
+
+    def losses_and_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
+        """Each slot's loss for its micro-batch, with its gradient added to the engine's weight gradients, as
+        LoraEngine._losses_and_backward does eagerly."""
+        engine = self.engine
+        slots = list(batches)
+        with torch.profiler.record_function("lorasweep: batch layout"):
+            layout = flat_layout(batches, "cpu")
+        rows = min(1 << (len(slots) - 1).bit_length(), len(engine.routing.dropout))
+        width = -(-layout.input_ids.shape[1] // WIDTH_STEP) * WIDTH_STEP
+        kept = -(-len(layout.kept) // KEPT_STEP) * KEPT_STEP
+        any_dropout = any(engine.adapters[s].training.lora_dropout for s in slots)
+        key = (rows, width, kept, any_dropout)
+        bucket = self.buckets.get(key)
+        fresh = bucket is None
+        if fresh:
+            bucket = self.buckets[key] = _Bucket(_allocate(rows, width, kept, engine.model.device))
+        with torch.profiler.record_function("lorasweep: batch layout"):
+            self._fill(bucket.buffers, layout, slots)
+        if not self.capture:
+            losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+        elif fresh:  # the first step of a bucket runs eagerly on a side stream, as capture needs
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if bucket.graph is None:
+                bucket.graph = torch.cuda.CUDAGraph()
+                # Thread-local error mode: a CUDA call of another of the engine actor's threads during a capture is
+                # no error of the capture (the engine's own CUDA work happens under its lock, as this step does).
+                with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
+                    losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+                    self.losses_out[:rows].copy_(losses)
+                    self.grads_out[:rows].copy_(grads)
+            with torch.profiler.record_function("lorasweep: graph replay"):
+                bucket.graph.replay()
+            losses, grads = self.losses_out[:rows], self.grads_out[:rows]
+        weights = engine.routing.weights
+        if weights.grad is None:
+            weights.grad = torch.zeros_like(weights)
+        # Filler rows add their gradient of 0 to the first slot's.
+        weights.grad.index_add_(0, bucket.buffers.index, grads)
+        return dict(zip(slots, losses[:len(slots)].tolist()))
+
+    def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
+        """The step's data into the bucket's buffers: rows and width padded as the eager layout pads (a dummy
+        sequence of its own positions), kept positions re-indexed to the padded width."""
+        engine = self.engine
+        rows, width = buffers.input_ids.shape
+        count, used = layout.input_ids.shape
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.arange(width).repeat(rows, 1)  # filler rows and padding: one dummy sequence each
+        ids[:count, :used] = layout.input_ids
+        positions[:count, :used] = layout.position_ids
+        positions[:count, used:] = torch.arange(width - used)
+        kept = torch.zeros(buffers.kept.shape[0], dtype=torch.long)
+        targets = torch.full((buffers.kept.shape[0],), -100, dtype=torch.long)
+        kept[:len(layout.kept)] = layout.kept // used * width + layout.kept % used
+        targets[:len(layout.kept)] = layout.kept_targets
+        index = torch.tensor(slots + [slots[0]] * (rows - count))
+        live = (torch.arange(rows) < count).float()
+        divisors = torch.tensor([max(1, engine.adapters[s].window_targets) for s in slots] + [1] * (rows - count),
+                                dtype=torch.float32)
+        for buffer, values in ((buffers.input_ids, ids), (buffers.position_ids, positions), (buffers.kept, kept),
+                               (buffers.kept_targets, targets), (buffers.index, index), (buffers.live, live),
+                               (buffers.divisors, divisors)):
+            buffer.copy_(values, non_blocking=True)
+
+    def _losses_and_grads(self, buffers: _Buffers, any_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bucket's forward, loss and backward, from its buffers alone (what a graph captures). Returns each
+        row's loss and the gradient of each row's adapter weights."""
+        engine, routing = self.engine, self.engine.routing
+        weights = routing.weights.detach().index_select(0, buffers.index).requires_grad_()
+        # Filler rows run the base alone (scale 0): their activations stay finite whatever the adapter they repeat,
+        # so their gradient is exactly 0.
+        routing.assign(weights, routing.scales.index_select(1, buffers.index) * buffers.live,
+                       routing.dropout.index_select(0, buffers.index), any_dropout, engine.compute_dtype)
+        layout = Layout(buffers.input_ids, buffers.position_ids, buffers.kept, buffers.kept_targets, buffers.length,
+                         segments=[])
+        try:  # the routing stays set through the backward: gradient checkpointing runs the forward again there
+            token_losses = engine._token_losses(layout, packed_causal_mask(buffers.position_ids))
+            losses = token_losses.view(buffers.input_ids.shape[0], -1).sum(dim=1) / buffers.divisors
+            # A non-finite loss is left out of the backward (its adapter fails), as in the eager step.
+            total = losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum()
+            (grads,) = torch.autograd.grad(total, weights)
+        finally:
+            routing.clear()
+        return losses.detach(), grads
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, width, width] booleans: a position attends to the positions before it in its own packed example,
+    an example starting wherever the position ids do not go up by one (transformers' find_packed_sequence_indices),
+    computed on the device without reading a value."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    example = starts.cumsum(dim=1)
+    width = position_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+
+
+def _allocate(rows: int, width: int, kept: int, device) -> _Buffers:
+    def long(*shape):
+        return torch.zeros(*shape, dtype=torch.long, device=device)
+
+    def ones(*shape):
+        return torch.ones(*shape, dtype=torch.float32, device=device)
+
+    return _Buffers(long(rows, width), long(rows, width), long(kept), long(kept), long(rows), ones(rows), ones(rows))

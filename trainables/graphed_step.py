@@ -146,11 +146,13 @@ class GraphedSteps:
         layout = Layout(buffers.input_ids, buffers.position_ids, buffers.kept, buffers.kept_targets, buffers.length,
                          segments=[])
         try:  # the routing stays set through the backward: gradient checkpointing runs the forward again there
-            token_losses = engine._token_losses(layout, packed_causal_mask(buffers.position_ids))
-            losses = token_losses.view(buffers.input_ids.shape[0], -1).sum(dim=1) / buffers.divisors
+            with torch.profiler.record_function("lorasweep: forward and loss"):  # labels for eager runs' profiles
+                token_losses = engine._token_losses(layout, packed_causal_mask(buffers.position_ids))
+                losses = token_losses.view(buffers.input_ids.shape[0], -1).sum(dim=1) / buffers.divisors
             # A non-finite loss is left out of the backward (its adapter fails), as in the eager step.
-            total = losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum()
-            (grads,) = torch.autograd.grad(total, weights)
+            with torch.profiler.record_function("lorasweep: backward"):
+                total = losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum()
+                (grads,) = torch.autograd.grad(total, weights)
         finally:
             routing.clear()
         return losses.detach(), grads

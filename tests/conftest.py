@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,14 @@ def start_lora_search(args: list[str], ray_tmp: Path, stdout=subprocess.PIPE) ->
     (a test can signal it as a terminal does); stderr goes with stdout, as text."""
     return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "sweeps" / "lora_search.py"), *args],
                             env=ray_test_env(ray_tmp), stdout=stdout, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In the child before it runs: SIGINT's default action. A suite started in the background (`pytest ... &` in a
+    script) inherits SIGINT ignored, Python then installs no KeyboardInterrupt handler, and the Ctrl-C tests would
+    see the driver carry on to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_tiny_sweep(model_dir: Path, data_dir: Path, out_dir: Path, name: str) -> tuple[Path, subprocess.CompletedProcess]:

@@ -54,12 +54,14 @@ def submit_to_a_two_node_cluster(tiny_model_dir, tiny_data_dir, tmp_path, ray_tm
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         # Two trials at once, one CPU per node: one of them runs on the worker node.
         args = tiny_sweep_overrides(tiny_model_dir, tiny_data_dir, tmp_path, "job") + ["sweep.max_concurrent_trials=2"]
-        for _ in range(30):  # the head's job agent registers a few seconds after `ray start` returns
+        # The head's job agent registers seconds after `ray start` returns, more on a busy machine.
+        deadline = time.time() + 180
+        while True:
             submit = subprocess.run(
                 [str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}",
                  f"--working-dir={PROJECT_ROOT}", "--", "python", "sweeps/lora_search.py", *args],
                 env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent to submit job" not in submit.stderr + submit.stdout:
+            if "No available agent to submit job" not in submit.stderr + submit.stdout or time.time() > deadline:
                 break
             time.sleep(2)
     finally:

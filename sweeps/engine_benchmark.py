@@ -107,13 +107,17 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
 
     cuda = torch.cuda.is_available()
     began = time.time()
-    for _ in range(3):  # warm-up: allocator, kernels' first launches, compilation (a static, then a dynamic variant)
+    # Warm-up: allocator, kernels' first launches, compilation (a static, then a dynamic variant); with CUDA graphs
+    # also the first step (eager) and the second (captured) of each shape bucket the steps meet.
+    warm_up_steps = 10 if engine.graphed is not None else 3
+    for _ in range(warm_up_steps):
         engine.step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     warm_up_seconds = time.time() - began
     tokens_before = sum(a.tokens_seen for a in engine.adapters.values())
+    buckets_before = len(engine.graphed.buckets) if engine.graphed is not None else 0
     began = time.time()
     for _ in range(steps):
         engine.step()
@@ -124,10 +128,13 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     tokens = sum(a.tokens_seen for a in engine.adapters.values()) - tokens_before
     rate = tokens / seconds
     run = {"slots": len(engine.adapters), "step_ms": round(1000 * seconds / steps, 1),
-           "warm_up_s (3 steps)": round(warm_up_seconds, 1),
+           f"warm_up_s ({warm_up_steps} steps)": round(warm_up_seconds, 1),
            "tokens_per_step": round(tokens / steps), "tokens_per_s": round(rate),
            # Forward plus the input-gradient backward: 4 FLOPs per parameter and token (no weight gradients).
            "model_tflops": round(4 * parameters * rate / 1e12, 2)}
+    if engine.graphed is not None:  # shape buckets met: each new one runs eagerly once, then is captured
+        run["graph_buckets"] = len(engine.graphed.buckets)
+        run["graph_buckets_new_while_timed"] = len(engine.graphed.buckets) - buckets_before
     if cuda:
         run["mfu"] = round(run["model_tflops"] / peak, 4)
         run["gpu_memory_allocated_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -219,6 +226,11 @@ def render(figures: dict) -> str:
         memory = f"{run['gpu_memory_allocated_peak_mib']:,} MiB" if "gpu_memory_allocated_peak_mib" in run else "-"
         lines.append(f"| {run['slots']} | {run['step_ms']} | {run['tokens_per_step']:,} | {run['tokens_per_s']:,} | "
                      f"{run['model_tflops']} | {mfu} | {memory} |")
+    for run in figures["runs"]:
+        if "graph_buckets" in run:
+            lines.append(f"\n{run['slots']} adapters: {run['graph_buckets']} shape buckets met, "
+                         f"{run['graph_buckets_new_while_timed']} of them new while timed (each runs eagerly once, "
+                         f"then is captured)")
     for run in figures["runs"]:
         if "breakdown" in run:
             lines += ["", f"one engine step with {run['slots']} adapters (ms):"]

@@ -391,6 +391,13 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
         assert sum(phases.values()) <= 1.05 * run["breakdown"]["step wall (profiled)"]
         assert run["breakdown"]["operators per step (aten calls, nested ones included)"] > 100
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
+    # With CUDA graphs (bucketed steps, run eagerly here) it says how many shape buckets the steps met.
+    assert main(["--model", str(tiny_model_dir), "--slots", "3", "--steps", "2", f"data.dataset_name={tiny_data_dir}",
+                 "data.num_targets=0", "training.per_device_train_batch_size=4", "resources.engine_cuda_graphs=true",
+                 "--json", str(figures)]) == 0
+    run = json.loads(figures.read_text())["runs"][0]
+    assert run["graph_buckets"] >= 1 and 0 <= run["graph_buckets_new_while_timed"] <= run["graph_buckets"]
+    assert f"3 adapters: {run['graph_buckets']} shape buckets met" in capsys.readouterr().out
     assert kernel_class("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_ffma") == "matmul fp32"
     assert kernel_class("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention (fp32)"
     assert kernel_class("nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_TNT") == "matmul (cuBLAS nvjet)"

@@ -61,6 +61,11 @@ class Adapter:
     loss_steps: int = 0
     failure: str | None = None
 
+    @property
+    def loss_divisor(self) -> int:
+        """What a micro-batch's summed token losses are divided by: the window's completion tokens (at least 1)."""
+        return max(1, self.window_targets)
+
 
 class LoraEngine:
     """A frozen base with `slots` adapter slots of rank up to `max_rank`."""
@@ -259,7 +264,7 @@ class LoraEngine:
         # The record_function labels name the step's phases in a profile (sweeps/engine_benchmark.py); free otherwise.
         with torch.profiler.record_function("lorasweep: forward and loss"):
             sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
-            divisors = torch.tensor([max(1, self.adapters[slot].window_targets) for slot in slots], device=sums.device)
+            divisors = torch.tensor([self.adapters[slot].loss_divisor for slot in slots], device=sums.device)
             losses = sums / divisors
         # A non-finite loss is left out of the backward (its adapter fails); the values are read after the backward
         # is queued, so the forward's kernels need not finish before the backward's are launched.

@@ -62,7 +62,8 @@ class GraphedSteps:
         # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
         # hold a [rows, adapter weights] gradient per bucket (5.6 GB for 8 rank-64 adapters of an 8B model).
         weights = engine.routing.weights
-        self.losses_out = torch.zeros(weights.shape[0], device=weights.device)
+        self.slots = weights.shape[0]
+        self.losses_out = torch.zeros(self.slots, device=weights.device) if self.capture else None
         self.grads_out = torch.zeros_like(weights) if self.capture else None
 
     def losses_and_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
@@ -71,9 +72,9 @@ class GraphedSteps:
         engine = self.engine
         slots = list(batches)
         with torch.profiler.record_function("lorasweep: batch layout"):
-            layout = flat_layout(batches, "cpu")
-        rows = min(1 << (len(slots) - 1).bit_length(), len(engine.routing.dropout))
-        width = -(-layout.input_ids.shape[1] // WIDTH_STEP) * WIDTH_STEP
+            layout = flat_layout(batches, "cpu", width_multiple=WIDTH_STEP)
+        rows = min(1 << (len(slots) - 1).bit_length(), self.slots)
+        width = layout.input_ids.shape[1]
         kept = -(-len(layout.kept) // KEPT_STEP) * KEPT_STEP
         any_dropout = any(engine.adapters[s].training.lora_dropout for s in slots)
         key = (rows, width, kept, any_dropout)
@@ -111,23 +112,22 @@ class GraphedSteps:
         return dict(zip(slots, losses[:len(slots)].tolist()))
 
     def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
-        """The step's data into the bucket's buffers: rows and width padded as the eager layout pads (a dummy
-        sequence of its own positions), kept positions re-indexed to the padded width."""
+        """The step's data (its layout already at the bucket's width) into the bucket's buffers, with filler rows (one
+        dummy sequence each, as the layout pads) and the kept positions padded."""
         engine = self.engine
         rows, width = buffers.input_ids.shape
-        count, used = layout.input_ids.shape
+        count = len(slots)
         ids = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.arange(width).repeat(rows, 1)  # filler rows and padding: one dummy sequence each
-        ids[:count, :used] = layout.input_ids
-        positions[:count, :used] = layout.position_ids
-        positions[:count, used:] = torch.arange(width - used)
+        positions = torch.arange(width).repeat(rows, 1)
+        ids[:count] = layout.input_ids
+        positions[:count] = layout.position_ids
         kept = torch.zeros(buffers.kept.shape[0], dtype=torch.long)
         targets = torch.full((buffers.kept.shape[0],), -100, dtype=torch.long)
-        kept[:len(layout.kept)] = layout.kept // used * width + layout.kept % used
+        kept[:len(layout.kept)] = layout.kept
         targets[:len(layout.kept)] = layout.kept_targets
         index = torch.tensor(slots + [slots[0]] * (rows - count))
         live = (torch.arange(rows) < count).float()
-        divisors = torch.tensor([max(1, engine.adapters[s].window_targets) for s in slots] + [1] * (rows - count),
+        divisors = torch.tensor([engine.adapters[s].loss_divisor for s in slots] + [1] * (rows - count),
                                 dtype=torch.float32)
         for buffer, values in ((buffers.input_ids, ids), (buffers.position_ids, positions), (buffers.kept, kept),
                                (buffers.kept_targets, targets), (buffers.index, index), (buffers.live, live),

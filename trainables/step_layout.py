@@ -22,9 +22,10 @@ class Layout:
     segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
 
 
-def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0) -> Layout:
+def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, width_multiple: int = 1) -> Layout:
     """One row per slot, its examples packed without padding between them (as TRL's padding_free packs them), the
-    rows padded at the end to the longest with one dummy sequence (its own positions, no targets). A row per
+    rows padded at the end to the longest, rounded up to a multiple of `width_multiple` (CUDA graphs' buckets:
+    trainables/graphed_step.py), with one dummy sequence (its own positions, no targets). A row per
     slot rather than one flat sequence for all: attention computes masked-out scores as 0 times the values, and a
     diverging adapter's inf or NaN values would reach its neighbours through those zeros (0 * NaN = NaN)."""
     rows = {}
@@ -36,7 +37,7 @@ def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0) -
             positions += range(len(tokens))
             targets += [t if m else -100 for t, m in zip(tokens[1:], mask[1:])] + [-100]
         rows[slot] = (ids, positions, targets)
-    width = max(len(ids) for ids, _, _ in rows.values())
+    width = -(-max(len(ids) for ids, _, _ in rows.values()) // width_multiple) * width_multiple
     all_ids, all_positions, all_targets, segments = [], [], [], []
     for slot, (ids, positions, targets) in rows.items():
         start, pad = len(all_targets), width - len(ids)

@@ -3,9 +3,10 @@ search space trained together, model FLOPs utilization against a bf16 matmul rat
 memory, and a breakdown of one engine step (base matmuls, LoRA, optimizer, the rest, and the time no kernel ran).
 
     python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20 \
-        [resources.engine_compile=true] [resources.engine_cuda_graphs=true] [resources.engine_dequantize_base=false]
+        [resources.engine_compile=true] [resources.engine_cuda_graphs=false] [resources.engine_dequantize_base=false]
 
-Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
+The engine runs as a study's would (trainables/engine.py: study_step_options): compiled layers and CUDA graphs on
+CUDA only. Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
 
     from sweeps.benchmark import linear_parameters_of, matmul_rate, prepared_data
     from sweeps.search_space import plan_sweep
-    from trainables.engine import LoraEngine
+    from trainables.engine import LoraEngine, study_step_options
     from trainables.model_loading import choose_precision
     from trainables.trial_spec import BaseModelSpec
 
@@ -64,13 +65,12 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
                          bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
     max_rank = max(plan.values("lora_r", config.training.lora_r))
     resources = config.resources
-    dequantized_base, compiled, graphed = resources.engine_dequantize_base, resources.engine_compile, \
-        resources.engine_cuda_graphs
+    dequantized_base = resources.engine_dequantize_base
+    options = study_step_options(base.device, resources.engine_compile, resources.engine_cuda_graphs)
     peak = matmul_rate() if cuda else None
     results = []
     for count in slot_counts:
-        engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base,
-                            compile_backend="inductor" if compiled else None, cuda_graphs=graphed)
+        engine = LoraEngine(base, slots=count, max_rank=max_rank, dequantized_base=dequantized_base, **options)
         for training in adapters_of_the_space(config, plan, count):
             engine.add(f"a{training.seed}", training, splits["train"], splits["validation"])
         results.append(time_steps(engine, steps, peak, linear_parameters_of(model_dir)))
@@ -79,10 +79,10 @@ def measure(config, model_path: str | None, slot_counts: list[int], steps: int) 
             torch.cuda.empty_cache()
     if dequantized_base and precision == "4bit":
         path += ", base dequantized once to bf16"
-    if compiled:
+    if options["compile_backend"]:
         path += ", decoder layers compiled"
-    if graphed:
-        path += ", steps as CUDA graphs" if cuda else ", bucketed steps (CUDA graphs on a GPU)"
+    if options["cuda_graphs"]:
+        path += ", steps as CUDA graphs"
     return {"model": base.model_dir, "path": path, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "bf16_matmul_tflops": peak, "batch": config.training.per_device_train_batch_size,
             "date": time.strftime("%Y-%m-%d"), "runs": results}
@@ -138,6 +138,8 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     if cuda:
         run["mfu"] = round(run["model_tflops"] / peak, 4)
         run["gpu_memory_allocated_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        # What the process holds (allocated plus the allocator's cache and the graphs' pool), nearer nvidia-smi.
+        run["gpu_memory_reserved_peak_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
     run["breakdown"] = profile_step(engine)
     return run
 
@@ -219,13 +221,15 @@ def kernel_class(name: str) -> str:
 def render(figures: dict) -> str:
     lines = [f"{figures['model']} ({figures['path']}) on {figures['device']}, {figures['date']}; batch "
              f"{figures['batch']} per adapter; bf16 matmul rate measured: {figures['bf16_matmul_tflops']} TFLOP/s", "",
-             "| adapters | step (ms) | tokens/step | tokens/s | model TFLOP/s | MFU | GPU memory peak |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| adapters | step (ms) | tokens/step | tokens/s | model TFLOP/s | MFU | GPU memory peak: allocated | "
+             "reserved |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in figures["runs"]:
         mfu = f"{100 * run['mfu']:.1f}%" if "mfu" in run else "-"
-        memory = f"{run['gpu_memory_allocated_peak_mib']:,} MiB" if "gpu_memory_allocated_peak_mib" in run else "-"
+        allocated, reserved = (f"{run[key]:,} MiB" if key in run else "-"
+                               for key in ("gpu_memory_allocated_peak_mib", "gpu_memory_reserved_peak_mib"))
         lines.append(f"| {run['slots']} | {run['step_ms']} | {run['tokens_per_step']:,} | {run['tokens_per_s']:,} | "
-                     f"{run['model_tflops']} | {mfu} | {memory} |")
+                     f"{run['model_tflops']} | {mfu} | {allocated} | {reserved} |")
     for run in figures["runs"]:
         if "graph_buckets" in run:
             lines.append(f"\n{run['slots']} adapters: {run['graph_buckets']} shape buckets met, "

@@ -70,7 +70,7 @@ def measure(config, budget: int, in_flight: int, seeds: int) -> dict:
 
     from sweeps.benchmark import prepared_data
     from sweeps.search_space import plan_sweep, to_tune_space
-    from trainables.engine import LoraEngine
+    from trainables.engine import LoraEngine, study_step_options
     from trainables.model_loading import choose_precision
     from trainables.trial_spec import BaseModelSpec
 
@@ -87,8 +87,8 @@ def measure(config, budget: int, in_flight: int, seeds: int) -> dict:
                          bnb_4bit_use_double_quant=config.model.bnb_4bit_use_double_quant)
     engine = LoraEngine(base, slots=in_flight, max_rank=max(plan.values("lora_r", config.training.lora_r)),
                         dequantized_base=config.resources.engine_dequantize_base,
-                        compile_backend="inductor" if config.resources.engine_compile and cuda else None,
-                        cuda_graphs=config.resources.engine_cuda_graphs and cuda)
+                        **study_step_options(base.device, config.resources.engine_compile,
+                                             config.resources.engine_cuda_graphs))
     studies = []
     for name in SAMPLERS:
         for seed in range(seeds):

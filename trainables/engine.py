@@ -67,6 +67,14 @@ class Adapter:
         return max(1, self.window_targets)
 
 
+def study_step_options(device: str, compile_layers: bool, cuda_graphs: bool) -> dict:
+    """LoraEngine's compile_backend and cuda_graphs for a study's resources.engine_compile and engine_cuda_graphs on
+    `device`: CUDA only. On CPU the engine is the reference, Inductor would need a C++ compiler, and there are no
+    launches to save (the CPU tests turn both on by hand, with CPU backends)."""
+    cuda = device == "cuda"
+    return {"compile_backend": "inductor" if compile_layers and cuda else None, "cuda_graphs": cuda_graphs and cuda}
+
+
 class LoraEngine:
     """A frozen base with `slots` adapter slots of rank up to `max_rank`."""
 

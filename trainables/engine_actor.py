@@ -40,15 +40,12 @@ class EngineServer:
     def __init__(self, base: BaseModelSpec, slots: int, max_rank: int, gradient_checkpointing: bool,
                  dequantized_base: bool, compile_layers: bool, cuda_graphs: bool, train_rows: list[dict],
                  eval_rows: list[dict]):
-        from trainables.engine import LoraEngine
+        from trainables.engine import LoraEngine, study_step_options
         from trainables.model_loading import load_tokenizer
 
         started = time.time()
-        # Compiled and graphed on CUDA only: on CPU the engine is the reference, Inductor would need a C++ compiler,
-        # and there are no launches to save.
-        cuda = base.device == "cuda"
         self.engine = LoraEngine(base, slots, max_rank, gradient_checkpointing, dequantized_base,
-                                 "inductor" if compile_layers and cuda else None, cuda_graphs and cuda)
+                                 **study_step_options(base.device, compile_layers, cuda_graphs))
         self.tokenizer = load_tokenizer(base.model_dir, base.trust_remote_code)
         self.startup_s = round(time.time() - started, 2)
         self.incarnation = uuid.uuid4().hex  # a restarted engine has a new one, and none of the old adapters

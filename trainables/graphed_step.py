@@ -13,12 +13,11 @@ graph as a tensor (torch.autograd.grad) that the engine adds to the slots' gradi
 
 A bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces, lazy
 initialization), its second is captured and replayed; all graphs share one memory pool, which is safe because they
-run one at a time and copy their outputs out of the pool, into buffers of their own. The eager steps' memory would
-otherwise stay cached beside that pool: PyTorch's allocator keeps freed blocks for the stream that used them, so
-every bucket's warm-up on a stream of its own held one more step's activations, and an 8B-shaped study's engine
-filled a 141 GB GPU (nvidia-smi; 77.5 GB allocated at most, BENCHMARKS.md). So one warm-up stream serves every
-bucket, and its cached blocks go back to the device after each warm-up, for the capture's pool to take. On CPU
-(the tests) every step runs the same bucketed work eagerly."""
+run one at a time and copy their outputs out of the pool, into buffers of their own. The process holds more memory
+than with eager steps: for 8 adapters of an 8B-shaped model on an H200, 142 GB reserved against 90 GB eager, for
+81 and 67 GB allocated at most (BENCHMARKS.md; expandable segments did not change it), likely the pool's activations
+beside the allocator's cache of the eager steps' (a bucket's first step, evaluation). On CPU (the tests) every
+step runs the same bucketed work eagerly."""
 
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ class GraphedSteps:
         self.engine = engine
         self.capture = engine.model.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.warm_up_stream = torch.cuda.Stream() if self.capture else None
+        self.warm_up_stream = torch.cuda.Stream() if self.capture else None  # every bucket's first, eager step
         self.buckets: dict[tuple, _Bucket] = {}
         # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
         # hold a [rows, adapter weights] gradient per bucket (5.6 GB for 8 rank-64 adapters of an 8B model).
@@ -97,11 +96,6 @@ class GraphedSteps:
             with torch.cuda.stream(side):
                 losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
             torch.cuda.current_stream().wait_stream(side)
-            self._add_gradient(bucket, grads)
-            step_losses = dict(zip(slots, losses[:len(slots)].tolist()))  # waits for the step: its blocks are free
-            del losses, grads
-            torch.cuda.empty_cache()  # the warm-up's cached blocks back to the device (see the module's docstring)
-            return step_losses
         else:
             if bucket.graph is None:
                 bucket.graph = torch.cuda.CUDAGraph()
@@ -114,15 +108,12 @@ class GraphedSteps:
             with torch.profiler.record_function("lorasweep: graph replay"):
                 bucket.graph.replay()
             losses, grads = self.losses_out[:rows], self.grads_out[:rows]
-        self._add_gradient(bucket, grads)
-        return dict(zip(slots, losses[:len(slots)].tolist()))
-
-    def _add_gradient(self, bucket: _Bucket, grads: torch.Tensor) -> None:
-        weights = self.engine.routing.weights
+        weights = engine.routing.weights
         if weights.grad is None:
             weights.grad = torch.zeros_like(weights)
         # Filler rows add their gradient of 0 to the first slot's.
         weights.grad.index_add_(0, bucket.buffers.index, grads)
+        return dict(zip(slots, losses[:len(slots)].tolist()))
 
     def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
         """The step's data (its layout already at the bucket's width) into the bucket's buffers, with filler rows (one

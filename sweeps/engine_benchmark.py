@@ -140,8 +140,31 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
         run["gpu_memory_allocated_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         # What the process holds (allocated plus the allocator's cache and the graphs' pool), nearer nvidia-smi.
         run["gpu_memory_reserved_peak_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
+    run.update(time_evaluation(engine))
     run["breakdown"] = profile_step(engine)
     return run
+
+
+def time_evaluation(engine) -> dict:
+    """What an evaluation costs the engine beside its steps (a study's engine spent 12 of 55 s evaluating:
+    BENCHMARKS.md): all adapters evaluated together over their evaluation rows, as when they reach an evaluation in
+    the same step, and the snapshot (the copy off the device) that each evaluation takes."""
+    import torch
+
+    slots = list(engine.adapters)
+    began = time.time()
+    engine.evaluate_many(slots)  # returns numbers read off the device: the passes are done
+    evaluation = time.time() - began
+    between_steps = [slot for slot in slots if not engine.adapters[slot].micro_step]  # where a snapshot is taken
+    if between_steps:
+        engine.snapshot(between_steps[0])  # the first one imports and builds PEFT's config code
+    began = time.time()
+    for slot in between_steps:
+        engine.snapshot(slot)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"evaluation_s (all adapters)": round(evaluation, 2),
+            "snapshot_ms (per adapter)": round(1000 * (time.time() - began) / max(1, len(between_steps)), 1)}
 
 
 def profile_step(engine, steps: int = 3) -> dict:
@@ -184,6 +207,11 @@ def profile_step(engine, steps: int = 3) -> dict:
         out.update({name: round(ms, 2) for name, ms in sorted(classes.items(), key=lambda kv: -kv[1])})
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
         out.update({f"kernel: {e.key[:90]}": round(e.self_device_time_total / 1000 / steps, 2) for e in top})
+        # The operators whose own kernels took the GPU's time (in eager steps; a graph's replay launches them all).
+        for event in sorted(operators, key=lambda e: -e.self_device_time_total)[:8]:
+            if event.self_device_time_total:
+                out[f"operator (GPU, its kernels): {event.key} x{event.count // steps}"] = round(
+                    event.self_device_time_total / 1000 / steps, 2)
         out["gpu busy (sum of kernels)"] = round(busy, 2)
         out["no kernel running (python, launches, sync)"] = round(max(0.0, wall_ms - busy), 2)
     out["step wall (profiled)"] = round(wall_ms, 2)
@@ -235,6 +263,11 @@ def render(figures: dict) -> str:
             lines.append(f"\n{run['slots']} adapters: {run['graph_buckets']} shape buckets met, "
                          f"{run['graph_buckets_new_while_timed']} of them new while timed (each runs eagerly once, "
                          f"then is captured)")
+    for run in figures["runs"]:
+        if "evaluation_s (all adapters)" in run:
+            lines.append(f"\n{run['slots']} adapters: evaluated together in {run['evaluation_s (all adapters)']} s; "
+                         f"a snapshot (the copy off the device at each evaluation) {run['snapshot_ms (per adapter)']} "
+                         f"ms per adapter")
     for run in figures["runs"]:
         if "breakdown" in run:
             lines += ["", f"one engine step with {run['slots']} adapters (ms):"]

@@ -390,6 +390,7 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
         assert all(ms > 0 for ms in phases.values())
         assert sum(phases.values()) <= 1.05 * run["breakdown"]["step wall (profiled)"]
         assert run["breakdown"]["operators per step (aten calls, nested ones included)"] > 100
+        assert run["evaluation_s (all adapters)"] > 0 and run["snapshot_ms (per adapter)"] > 0
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul bf16"
     # With CUDA graphs (on CUDA only in a study; bucketed steps run eagerly here) it says how many shape buckets the
     # steps met.

@@ -133,9 +133,10 @@ class ResourcesConfig:
     # With engine=shared on CUDA: the engine's forward, loss and backward captured as CUDA graphs over bucketed shapes
     # and replayed (trainables/graphed_step.py), so that the CPU no longer launches each operator of a step. On an
     # H200 (BENCHMARKS.md) SmolLM2-135M steps were 1.4x (16 adapters) to 7x (1 adapter) shorter; an 8B-shaped
-    # model's steps, bound by their kernels, 8% longer, with 142 GB of the GPU reserved against 90 GB eager (set it
-    # false for large models on a tight GPU). Costs 12 bytes per adapter parameter more GPU memory, and one eager
-    # step and one capture per shape bucket (a few per adapter count).
+    # model's steps, bound by their kernels, 8% longer, with 142 GB of the GPU reserved against 90 GB eager. Costs
+    # 12 bytes per adapter parameter and a step's activations (the graphs' pool) more GPU memory, and one eager step
+    # and one capture per shape bucket (a few per adapter count). Where the engine's estimate fits the GPU only
+    # without graphs, the study runs without them and says so (sweeps/gpu_share.engine_fits).
     engine_cuda_graphs: bool = True
 
 

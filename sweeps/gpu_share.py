@@ -51,16 +51,36 @@ def choose_gpus_per_trial(resources: ResourcesConfig, largest_trial: Callable[[]
     return math.floor(10_000 / per_gpu) / 10_000, why
 
 
-def engine_fits(memory: TrialMemory) -> tuple[bool, str]:
-    """(whether a shared-base engine of that estimated memory fits the cluster's smallest GPU, a line saying so).
+def engine_fits(estimate: Callable[[bool], TrialMemory], cuda_graphs: bool) -> tuple[bool, bool, str]:
+    """(whether a shared-base engine fits the cluster's smallest GPU, whether it runs its steps as CUDA graphs, a
+    line saying why). `estimate(cuda_graphs)` is the engine's memory with or without graphs: asked for, they are
+    dropped where the engine fits only without them (their memory pool holds a step's activations once more; the
+    8B shape's engine on an H200 fits only so, and its steps were faster without graphs anyway: BENCHMARKS.md).
     Needs a running Ray cluster with a GPU."""
     import ray
 
     gpu_mib = ray.get(ray.remote(num_cpus=0, num_gpus=0.0001)(_smallest_gpu_memory_mib).remote())
-    fits = memory.total_mib <= gpu_mib * USABLE_GPU_FRACTION
-    return fits, (f"the engine needs about {memory.total_mib:,.0f} MiB (estimate: base {memory.base_mib:,.0f}, "
-                  f"adapter slots {memory.adapter_mib:,.0f}, activations {memory.activations_mib:,.0f}) of "
-                  f"{gpu_mib:,} MiB")
+    return engine_fits_gpu(estimate, cuda_graphs, gpu_mib)
+
+
+def engine_fits_gpu(estimate: Callable[[bool], TrialMemory], cuda_graphs: bool, gpu_mib: int) -> tuple[bool, bool, str]:
+    """engine_fits for a GPU of `gpu_mib`."""
+    def line(memory: TrialMemory) -> str:
+        pool = f", CUDA graphs' pool {memory.graph_pool_mib:,.0f}" if memory.graph_pool_mib else ""
+        return (f"the engine needs about {memory.total_mib:,.0f} MiB (estimate: base {memory.base_mib:,.0f}, "
+                f"adapter slots {memory.adapter_mib:,.0f}, activations {memory.activations_mib:,.0f}{pool}) of "
+                f"{gpu_mib:,} MiB")
+
+    usable = gpu_mib * USABLE_GPU_FRACTION
+    memory = estimate(cuda_graphs)
+    if memory.total_mib <= usable:
+        return True, cuda_graphs, line(memory)
+    if not cuda_graphs:
+        return False, False, line(memory)
+    plain = estimate(False)
+    if plain.total_mib <= usable:
+        return True, False, f"CUDA graphs off: with them {line(memory)}; without them {line(plain)}"
+    return False, False, line(plain)  # the least it needs, which is what the fix must lower
 
 
 def largest_engine_memory(plan: SweepPlan, training: TrainingConfig, model_dir: str, precision: str,

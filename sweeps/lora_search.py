@@ -194,12 +194,15 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     model, training = config.model, config.training
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     engine = choose_engine(config.resources.engine, cluster_gpus)
+    cuda_graphs = config.resources.engine_cuda_graphs  # the engine's steps as CUDA graphs, where memory allows
     if engine == "shared" and cluster_gpus >= 1:
         gpu_precision, _ = choose_precision(model.load_in_4bit, model.cpu_fallback, cuda=True)
-        fits, why = engine_fits(largest_engine_memory(
+        fits, cuda_graphs, why = engine_fits(lambda graphs: largest_engine_memory(
             plan, training, model_dir, gpu_precision, config.resources.engine_dequantize_base,
             engine_slot_count(config.resources, plan, cluster_gpus), mean_row_tokens(splits),
-            model.trust_remote_code, config.resources.engine_cuda_graphs))
+            model.trust_remote_code, graphs), config.resources.engine_cuda_graphs)
+        if fits and cuda_graphs != config.resources.engine_cuda_graphs:
+            print(f"[lorasweep] engine: {why}", flush=True)
         if not fits and config.resources.engine == "shared":
             raise ConfigError(f"resources.engine=shared: {why}; lower sweep.max_concurrent_trials (or "
                               f"resources.engine_slots), training.per_device_train_batch_size or the searched "
@@ -231,7 +234,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
     write_json_atomically(experiment_dir / SEARCH_SPACE_FILE, plan.parameters)
     engines = []
     if shared:
-        engines, trainable, callbacks, engine_gpus = start_shared_engines(config, plan, base, splits, path_line)
+        engines, trainable, callbacks, engine_gpus = start_shared_engines(config, plan, base, splits, path_line,
+                                                                           cuda_graphs)
     else:
         trainable = build_trainable(training, base, config.data.max_length, splits, config.resources.cpus_per_trial,
                                     gpus)
@@ -307,9 +311,10 @@ def engine_slot_count(resources, plan, cluster_gpus: float) -> int:
     return resources.engine_slots or math.ceil(plan.max_concurrent_trials / max(1, int(cluster_gpus)))
 
 
-def start_shared_engines(config, plan, base, splits: dict, path_line: str):
+def start_shared_engines(config, plan, base, splits: dict, path_line: str, cuda_graphs: bool):
     """One engine per GPU (one on a cluster without GPUs), each with enough slots for its share of the concurrent
-    trials; returns (engine handles, the trial function, the Tune callbacks, GPUs per engine)."""
+    trials, its steps as CUDA graphs if `cuda_graphs` (resources.engine_cuda_graphs where the engine fits with them);
+    returns (engine handles, the trial function, the Tune callbacks, GPUs per engine)."""
 
     import ray
     from ray import tune
@@ -328,7 +333,7 @@ def start_shared_engines(config, plan, base, splits: dict, path_line: str):
     engines = start_engines(count, gpus_each, resources.cpus_per_trial, base, slots, max_rank,
                             config.training.gradient_checkpointing, splits["train"], splits["validation"],
                             restarts=resources.max_failures, dequantized_base=resources.engine_dequantize_base,
-                            compile_layers=resources.engine_compile, cuda_graphs=resources.engine_cuda_graphs)
+                            compile_layers=resources.engine_compile, cuda_graphs=cuda_graphs)
     names = [ENGINE_NAME.format(index=i) for i in range(count)]
     trainable = tune.with_resources(
         tune.with_parameters(train_engine_trial, training=config.training, base=base,

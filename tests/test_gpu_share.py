@@ -68,3 +68,40 @@ def test_the_engine_estimate_covers_the_measured_peak_without_doubling_it(shape,
     accumulating = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False,
                                           gradient_accumulation=True)
     assert accumulating.adapter_mib == pytest.approx(estimate.adapter_mib * 22 / 18)
+
+
+@pytest.mark.parametrize("shape, slots, batch, reserved_mib", [
+    # What the engine's process reserved at most with CUDA graphs (allocator and the graphs' pool), one H200,
+    # 2026-12-02, commit bb2adeb (BENCHMARKS.md, "CUDA graphs of the engine's step").
+    ("smollm2-135m", 16, 32, 51_818),
+    ("llama-3-8b", 8, 16, 142_158),
+])
+def test_with_cuda_graphs_the_engine_estimate_covers_what_the_process_reserved(shape, slots, batch, reserved_mib,
+                                                                                tmp_path):
+    from sweeps.benchmark import SHAPES
+    from trainables.memory_estimate import estimate_engine_memory
+
+    LlamaConfig(vocab_size=49152, **SHAPES[shape]).save_pretrained(tmp_path)
+    graphed = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False, cuda_graphs=True)
+    assert reserved_mib <= graphed.total_mib <= 2 * reserved_mib
+    plain = estimate_engine_memory(str(tmp_path), "4bit", True, slots, 64, batch, 20, False)
+    assert plain.graph_pool_mib == 0 and graphed.graph_pool_mib == pytest.approx(plain.activations_mib
+                                                                                + plain.logits_mib)
+
+
+def test_cuda_graphs_are_dropped_where_the_engine_fits_only_without_them():
+    from sweeps.gpu_share import engine_fits_gpu
+    from trainables.memory_estimate import TrialMemory
+
+    def estimate(graphs: bool) -> TrialMemory:  # 8B-shaped engine, 8 slots (figures of the estimate above)
+        return TrialMemory(base_mib=14_849, adapter_mib=38_400 if graphs else 23_040, activations_mib=31_040,
+                           logits_mib=1_200, context_mib=768, graph_pool_mib=32_240 if graphs else 0.0)
+
+    h200, tight = 143_771, 70_000
+    assert engine_fits_gpu(estimate, True, 200_000)[:2] == (True, True)  # room for the graphs: kept
+    fits, graphs, why = engine_fits_gpu(estimate, True, h200)
+    assert (fits, graphs) == (True, False)
+    assert why.startswith("CUDA graphs off: with them the engine needs about 147,929 MiB") and "pool 32,240" in why
+    assert engine_fits_gpu(estimate, False, h200)[:2] == (True, False)  # never asked for: never turned on
+    fits, graphs, why = engine_fits_gpu(estimate, True, tight)  # no fit either way: the least it needs is reported
+    assert not fits and why.startswith("the engine needs about 88,429 MiB") and f"of {tight:,} MiB" in why

@@ -5,8 +5,10 @@ memory, and a breakdown of one engine step (base matmuls, LoRA, optimizer, the r
     python sweeps/engine_benchmark.py --config sweeps/configs/gpu.yaml --model DIR --slots 1 4 16 --steps 20 \
         [resources.engine_compile=true] [resources.engine_cuda_graphs=false] [resources.engine_dequantize_base=false]
 
-The engine runs as a study's would (trainables/engine.py: study_step_options): compiled layers and CUDA graphs on
-CUDA only. Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the tables.
+Compiled layers and CUDA graphs apply on CUDA only, as in a study (trainables/engine.py: study_step_options); unlike
+a study, which drops graphs where its memory estimate fits the GPU only without them (sweeps/gpu_share.engine_fits),
+the benchmark runs what it is given. Writes nothing but what it prints (and --json FILE). BENCHMARKS.md keeps the
+tables.
 """
 
 from __future__ import annotations

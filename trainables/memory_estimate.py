@@ -100,9 +100,9 @@ def estimate_engine_memory(model_dir: str, precision: str, dequantized_base: boo
     and with gradient accumulation the gradients set aside during a backward (SlotAdamW.set_aside_gradients); with
     CUDA graphs the step's fp32 gather of the weights, its gradient and the graphs' output buffer (graphed_step), and
     the graphs' memory pool: a step's activations once more, kept beside the allocator's cache of the eager steps'
-    (measured on an H200 for 8 adapters of the 8B shape: 142 GB reserved with graphs against 90 GB without, of which
-    14 GB allocated; BENCHMARKS.md); each slot's micro-batch of `batch_size` rows of `seq_len` tokens; logits only
-    at completion positions, counted as if every position were one."""
+    (measured on an H200 for 8 adapters of the 8B shape: 142 GB reserved with graphs against 90 GB without, 14 GB of
+    the difference allocated; BENCHMARKS.md); each slot's micro-batch of `batch_size` rows of `seq_len` tokens;
+    logits only at completion positions, counted as if every position were one."""
     shapes = _shapes(model_dir, trust_remote_code)
     linear_params = sum(m.in_features * m.out_features for _, m in shapes.linears)
     if precision == "4bit" and not dequantized_base:

@@ -237,6 +237,69 @@ def test_device_generator_dropout_keeps_each_slots_rate_and_its_scale_carries_th
         engine.routing.clear()
 
 
+def test_a_shared_dropout_rate_is_one_fused_dropout_whose_rescaling_is_its_own(base):
+    """Rows sharing one rate (the usual study: lora_dropout is not searched) take one fused dropout kernel per module,
+    which rescales by 1 / (1 - p) itself: the scales then carry none, and the rate kept is the one asked."""
+    engine = engine_for(base, slots=2)
+    engine.routing.exact_dropout = False
+    module = next(iter(engine.modules.values()))
+    module.set_slot(0, 4, 2.0, torch.ones(4, module.in_features))
+    module.set_slot(1, 4, 2.0, torch.ones(4, module.in_features))
+    engine.routing.dropout[0] = engine.routing.dropout[1] = 0.25
+    engine.routing.set([0, 1], [(1, 0), (2, 0)], "cpu", any_dropout=True, shared_dropout=0.25)
+    try:
+        assert engine.routing.fused_dropout == 0.25 and module.step_scale.flatten().tolist() == [2.0, 2.0]
+        dropped = module._dropout(torch.ones(2, 4000, module.in_features))
+        assert dropped.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+        assert (dropped == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    finally:
+        engine.routing.clear()
+    # Keyed masks (the CPU reference) stay per row, shared rate or not.
+    engine.routing.exact_dropout = True
+    engine.routing.set([0, 1], [(1, 0), (2, 0)], "cpu", any_dropout=True, shared_dropout=0.25)
+    assert engine.routing.fused_dropout is None and module.step_scale.flatten().tolist() == [pytest.approx(2 / 0.75)] * 2
+    engine.routing.clear()
+
+
+def test_an_input_cast_once_for_several_modules_gives_each_the_gradient_of_its_own_cast():
+    """On CUDA q, k and v (gate and up) share one bf16 cast of their fp32 input (MultiLoraLinear._cast_once); the
+    input's gradient is still each module's gradient cast back to fp32 and summed in fp32, as with a cast per module."""
+    from trainables.multi_lora import _SharedCast
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    weights = [torch.randn(16, 16, dtype=torch.bfloat16) for _ in range(3)]
+    shared = x.detach().to(torch.bfloat16)
+    torch.stack([(_SharedCast.apply(x, shared) @ w).float().sum() for w in weights]).sum().backward()
+    once = x.grad.clone()
+    x.grad = None
+    torch.stack([(x.to(torch.bfloat16) @ w).float().sum() for w in weights]).sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(once, x.grad)
+
+
+def test_a_step_takes_a_captured_bucket_with_room_for_it_at_little_more_work(base):
+    """Fewer captures: a step takes an existing bucket of its rows and dropout that holds its longest row with at most
+    WIDTH_SLACK more positions per row and its loss positions; otherwise a new one, with room for more loss positions."""
+    from trainables.graphed_step import KEPT_STEP, WIDTH_STEP
+
+    graphed = LoraEngine(base, slots=4, max_rank=MAX_RANK, cuda_graphs=True).graphed
+    dropout = (True, 0.05)
+    first = graphed.bucket_for(16, 20 * WIDTH_STEP - 5, 1000, dropout)
+    assert first[:2] == (16, 20 * WIDTH_STEP) and first[2] % KEPT_STEP == 0 and first[2] >= 1250
+    graphed.buckets[first] = None
+    assert graphed.bucket_for(16, 19 * WIDTH_STEP, 1200, dropout) == first  # 1/19 wider: taken
+    assert graphed.bucket_for(16, 17 * WIDTH_STEP, 1000, dropout)[1] == 17 * WIDTH_STEP  # 3/17 wider: a new one
+    assert graphed.bucket_for(16, 19 * WIDTH_STEP, first[2] + 1, dropout) != first  # too few loss positions
+    assert graphed.bucket_for(12, 19 * WIDTH_STEP, 1000, dropout)[0] == 12  # other rows
+    assert graphed.bucket_for(16, 19 * WIDTH_STEP, 1000, (False, None))[3] == (False, None)  # other dropout
+
+
+def test_bucket_rows_are_powers_of_two_up_to_four_then_multiples_of_four():
+    from trainables.graphed_step import bucket_rows
+
+    assert [bucket_rows(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 20]
+
+
 def test_on_a_4bit_base_too_an_adapter_beside_others_trains_as_it_does_alone(tiny_model_dir, rows):
     import bitsandbytes as bnb
 
@@ -309,7 +372,7 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tiny_model_dir, rows, t
 
 
 def test_bucketed_steps_train_as_the_plain_ones_and_contain_a_divergence(base, rows):
-    """resources.engine_cuda_graphs: the step laid out in buckets (rows padded to a power of two with filler rows,
+    """resources.engine_cuda_graphs: the step laid out in buckets (rows padded with filler rows (bucket_rows),
     widths and loss positions padded, the attention mask made from the position ids, the gradient taken with
     autograd.grad and added to the slots'), run eagerly here as on CUDA before a bucket is captured: the same losses,
     weights and evaluations as the plain step, with 3, 2 and then 1 adapters per step, and a neighbour whose

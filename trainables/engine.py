@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainables.graphed_step import GraphedSteps
 from trainables.lora_presets import TARGET_MODULE_PRESETS
-from trainables.multi_lora import kaiming_a, wrap_linear_layers
+from trainables.multi_lora import kaiming_a, shared_dropout_rate, wrap_linear_layers
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
 from trainables.step_layout import Layout, flat_layout, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
@@ -257,9 +257,9 @@ class LoraEngine:
                 continue
             with torch.profiler.record_function("lorasweep: batch layout"):
                 layout = flat_layout(part, self.model.device)
+            rates = [self.adapters[s].training.lora_dropout for s in part]
             self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
-                             self.model.device, any(self.adapters[s].training.lora_dropout for s in part),
-                             self.compute_dtype)
+                             self.model.device, any(rates), self.compute_dtype, shared_dropout_rate(rates))
             try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
                 for slot, loss in self._losses_and_backward(layout).items():
                     losses[slot] += loss
@@ -360,8 +360,8 @@ class LoraEngine:
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def snapshot(self, slot: int) -> "Snapshot":
-        """The adapter and what resuming it needs, copied off the device: quick, so that the engine's lock is held
-        only for the copy, and the writing happens outside it (Snapshot.write)."""
+        """The adapter and what resuming it needs, its copy off the device started: the engine's lock is held only
+        while the copy is queued; the wait for it and the writing happen outside (Snapshot.write)."""
         from peft import LoraConfig
 
         adapter = self.adapters[slot]
@@ -372,17 +372,16 @@ class LoraEngine:
         config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                             target_modules=preset if isinstance(preset, str) else list(preset), task_type="CAUSAL_LM",
                             base_model_name_or_path=self.base_spec.model_dir)
-        weights = {}
-        for name in sorted(adapter.targets):
-            module = self.modules[name]
-            # Contiguous copies: the engine holds A and B transposed (trainables/multi_lora.wrap_linear_layers).
-            a, b = module.lora_A[slot, :t.lora_r], module.lora_B[slot, :, :t.lora_r]
-            weights[f"base_model.model.{name}.lora_A.weight"] = a.cpu().clone(memory_format=torch.contiguous_format)
-            weights[f"base_model.model.{name}.lora_B.weight"] = b.cpu().clone(memory_format=torch.contiguous_format)
-        state = {"optimizer": self.optimizer.slot_state(slot, self._trained_parts(adapter)), "step": adapter.step, "order": list(adapter.order),
-                 "cursor": adapter.cursor, "epoch": adapter.epoch, "tokens_seen": adapter.tokens_seen,
-                 "generator": adapter.generator.get_state()}
-        return Snapshot(config, weights, state)
+        names = sorted(adapter.targets)
+        # In PEFT's layout: the engine holds A and B transposed (trainables/multi_lora.wrap_linear_layers).
+        weights = [piece for name in names for piece in (self.modules[name].lora_A[slot, :t.lora_r],
+                                                         self.modules[name].lora_B[slot, :, :t.lora_r])]
+        moments = self.optimizer.slot_moments(slot, self._trained_parts(adapter))
+        state = {"step": adapter.step, "order": list(adapter.order), "cursor": adapter.cursor, "epoch": adapter.epoch,
+                 "tokens_seen": adapter.tokens_seen, "generator": adapter.generator.get_state()}
+        return Snapshot(config, names, [piece is not None for piece in moments["exp_avg"]], self.optimizer.steps[slot],
+                        state, PiecesOffDevice(weights + [piece for key in ("exp_avg", "exp_avg_sq")
+                                                          for piece in moments[key] if piece is not None]))
 
     def _trained_parts(self, adapter: Adapter) -> list[tuple | None]:
         """Per optimizer parameter (each module's A, then its B), the part of a slot's row the adapter trains."""
@@ -473,19 +472,60 @@ def dequantize_linear_layers(modules) -> int:
 
 @dataclass
 class Snapshot:
-    """An adapter off the device: its PEFT config and weights, and the engine's state for resuming it."""
+    """An adapter on its way off the device: its PEFT config, the names of the modules it adapts, which optimizer
+    parameters it trains, and the engine's state for resuming it; the tensors arrive in `pieces` (each module's A and
+    B, then the moments of the trained parameters: exp_avg, then exp_avg_sq)."""
 
     config: object  # peft.LoraConfig
-    weights: dict[str, torch.Tensor]
+    names: list[str]
+    trained: list[bool]  # per optimizer parameter (each module's A, then its B)
+    optimizer_step: int
     state: dict
+    pieces: "PiecesOffDevice"
 
     def write(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
+        tensors = iter(self.pieces.tensors())
+        weights = {}
+        for name in self.names:
+            weights[f"base_model.model.{name}.lora_A.weight"] = next(tensors)
+            weights[f"base_model.model.{name}.lora_B.weight"] = next(tensors)
+        optimizer = {"step": self.optimizer_step}
+        for key in ("exp_avg", "exp_avg_sq"):
+            optimizer[key] = [next(tensors) if trained else None for trained in self.trained]
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(directory))
-        save_file(self.weights, str(directory / "adapter_model.safetensors"))
-        torch.save(self.state, directory / ENGINE_STATE_FILE)
+        save_file(weights, str(directory / "adapter_model.safetensors"))
+        torch.save({"optimizer": optimizer, **self.state}, directory / ENGINE_STATE_FILE)
+
+
+class PiecesOffDevice:
+    """Copies of tensors (a slot's parts of the adapter weights and optimizer moments: strided views of the slot-major
+    storage) on their way to the CPU: joined on the device and copied off in one asynchronous transfer into pinned
+    memory, split (and waited for) only when `tensors` is called. A snapshot is ~1,300 such pieces per adapter;
+    copied one by one, each waiting for the device, they took 144 ms per rank-64 adapter of the SmolLM2 shape on an
+    H200, under the engine's lock (BENCHMARKS.md)."""
+
+    def __init__(self, pieces: list[torch.Tensor]):
+        self.shapes = [piece.shape for piece in pieces]
+        joined = torch.cat([piece.detach().reshape(-1) for piece in pieces]) if pieces else torch.zeros(0)
+        self.done = None
+        if joined.is_cuda:
+            # Freeing `joined` after queueing the copy is safe: its memory is reused only by later work on this stream.
+            self.host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
+            self.host.copy_(joined, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host = joined  # the join was the copy
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.done is not None:
+            self.done.synchronize()
+        parts = self.host.split([shape.numel() for shape in self.shapes])
+        # Cloned: tensors sharing one storage cannot be saved side by side (safetensors refuses them).
+        return [part.view(shape).clone() for part, shape in zip(parts, self.shapes)]
 
 
 @torch.no_grad()

@@ -164,12 +164,16 @@ class EngineServer:
         """The engine's own figures: start-up, time inside steps, steps run, peak memory."""
         with self._client_turn():
             steps = max(1, self.steps_run)
+            graphed = self.engine.graphed if self.engine.graphed is not None and self.engine.graphed.capture else None
             return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
                     "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
                     "engine_uptime_s": round(time.time() - self.started_at, 1),
-                    "engine_peak_memory_mib": round(_peak_memory_mib(), 1)}
+                    "engine_peak_memory_mib": round(_peak_memory_mib(), 1),
+                    # CUDA graphs: shape buckets met, and the stepping time spent in their first steps and captures
+                    "engine_graph_shapes": len(graphed.buckets) if graphed else 0,
+                    "engine_capture_seconds": round(graphed.capture_seconds, 2) if graphed else 0.0}
 
     def _loop(self) -> None:
         while True:
@@ -243,7 +247,9 @@ def progress_line(figures: dict) -> str:
     return (f"[lorasweep] engine: {f['engine_steps']} steps, {f['engine_adapters_per_step']} adapters per step, "
             f"{f['engine_step_ms']} ms per step; of {f['engine_uptime_s']:.0f} s since its base was loaded: "
             f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating, "
-            f"{f['engine_idle_seconds']:.0f} s waiting for requests")
+            f"{f['engine_idle_seconds']:.0f} s waiting for requests"
+            + (f"; CUDA graphs of {f['engine_graph_shapes']} step shapes, {f['engine_capture_seconds']:.0f} s of the "
+               f"stepping in their first steps and captures" if f.get("engine_graph_shapes") else ""))
 
 
 def _node_id() -> str:

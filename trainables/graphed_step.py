@@ -3,10 +3,11 @@ shapes, replayed with the step's data copied into its input buffers. An eager st
 CPU launching ~27,000 operators (~225 ms for 16 SmolLM2-shaped adapters on an H200, of which ~140 ms of kernels:
 BENCHMARKS.md); a replay launches them all at once.
 
-A graph replays fixed shapes and fixed memory, so a step is laid out in buckets: its adapters' rows padded to a
-power of two (filler rows run the base alone and have no targets: a loss and gradient of exactly 0), the
+A graph replays fixed shapes and fixed memory, so a step is laid out in buckets: its adapters' rows padded
+(bucket_rows; filler rows run the base alone and have no targets: a loss and gradient of exactly 0), the
 row width rounded up to a multiple of WIDTH_STEP (a dummy sequence, as the eager layout pads), and the positions
-whose loss counts padded to a multiple of KEPT_STEP (position 0, whose target is none: a loss of 0). Nothing in the
+whose loss counts padded to a multiple of KEPT_STEP (position 0, whose target is none: a loss of 0); a step takes a
+bucket already captured where one has room for it at little more work (bucket_for). Nothing in the
 captured work reads a value on the CPU: the slots' rows of the adapter weights are gathered by an index tensor, the
 packed examples' attention mask is made from the position ids on the device, and the gradient comes out of the
 graph as a tensor (torch.autograd.grad) that the engine adds to the slots' gradients outside it.
@@ -21,14 +22,18 @@ step runs the same bucketed work eagerly."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from trainables.step_layout import Layout, flat_layout
+from trainables.multi_lora import shared_dropout_rate
+from trainables.step_layout import Layout, flat_layout, row_length, target_count
 
 WIDTH_STEP = 64  # row widths are rounded up to a multiple of this (also the memory-efficient attention's alignment)
+WIDTH_SLACK = 0.125  # a step takes an existing bucket up to this much wider than it needs rather than a new one
 KEPT_STEP = 256  # positions with a loss, rounded up to a multiple of this
+KEPT_HEADROOM = 1.25  # a new bucket's room for positions with a loss, over its first step's
 
 
 @dataclass
@@ -63,6 +68,7 @@ class GraphedSteps:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.warm_up_stream = torch.cuda.Stream() if self.capture else None  # every bucket's first, eager step
         self.buckets: dict[tuple, _Bucket] = {}
+        self.capture_seconds = 0.0  # in buckets' first steps and captures: what the graphs cost beyond their replays
         # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
         # hold a [rows, adapter weights] gradient per bucket (5.6 GB for 8 rank-64 adapters of an 8B model).
         weights = engine.routing.weights
@@ -75,36 +81,40 @@ class GraphedSteps:
         LoraEngine._losses_and_backward does eagerly."""
         engine = self.engine
         slots = list(batches)
-        with torch.profiler.record_function("lorasweep: batch layout"):
-            layout = flat_layout(batches, "cpu", width_multiple=WIDTH_STEP)
-        rows = min(1 << (len(slots) - 1).bit_length(), self.slots)
-        width = layout.input_ids.shape[1]
-        kept = -(-len(layout.kept) // KEPT_STEP) * KEPT_STEP
-        any_dropout = any(engine.adapters[s].training.lora_dropout for s in slots)
-        key = (rows, width, kept, any_dropout)
+        rates = [engine.adapters[s].training.lora_dropout for s in slots]
+        # A shared rate is a constant of the captured kernels: a bucket per rate.
+        dropout = (any(rates), shared_dropout_rate(rates))
+        key = self.bucket_for(min(bucket_rows(len(slots)), self.slots),
+                              max(row_length(examples) for examples in batches.values()),
+                              sum(target_count(example) for examples in batches.values() for example in examples),
+                              dropout)
+        rows, width, kept, _ = key
         bucket = self.buckets.get(key)
         fresh = bucket is None
         if fresh:
             bucket = self.buckets[key] = _Bucket(_allocate(rows, width, kept, engine.model.device))
+        began = time.time()
         with torch.profiler.record_function("lorasweep: batch layout"):
-            self._fill(bucket.buffers, layout, slots)
+            self._fill(bucket.buffers, flat_layout(batches, "cpu", width=width), slots)
         if not self.capture:
-            losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+            losses, grads = self._losses_and_grads(bucket.buffers, dropout)
         elif fresh:  # the first step of a bucket runs eagerly on a side stream, as capture needs
             side = self.warm_up_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+                losses, grads = self._losses_and_grads(bucket.buffers, dropout)
             torch.cuda.current_stream().wait_stream(side)
+            self.capture_seconds += time.time() - began
         else:
             if bucket.graph is None:
                 bucket.graph = torch.cuda.CUDAGraph()
                 # Thread-local error mode: a CUDA call of another of the engine actor's threads during a capture is
                 # no error of the capture (the engine's own CUDA work happens under its lock, as this step does).
                 with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
-                    losses, grads = self._losses_and_grads(bucket.buffers, any_dropout)
+                    losses, grads = self._losses_and_grads(bucket.buffers, dropout)
                     self.losses_out[:rows].copy_(losses)
                     self.grads_out[:rows].copy_(grads)
+                self.capture_seconds += time.time() - began
             with torch.profiler.record_function("lorasweep: graph replay"):
                 bucket.graph.replay()
             losses, grads = self.losses_out[:rows], self.grads_out[:rows]
@@ -114,6 +124,19 @@ class GraphedSteps:
         # Filler rows add their gradient of 0 to the first slot's.
         weights.grad.index_add_(0, bucket.buffers.index, grads)
         return dict(zip(slots, losses[:len(slots)].tolist()))
+
+    def bucket_for(self, rows: int, length: int, targets: int, dropout: tuple) -> tuple:
+        """The bucket (rows, width, kept, dropout) for a step of `rows` rows, its longest row `length` tokens and
+        `targets` loss positions: an existing one with room for it and at most WIDTH_SLACK more positions per row,
+        else a new one at the width rounded up to WIDTH_STEP and KEPT_HEADROOM more loss positions (they cost the
+        output head alone). A capture costs about five replays of a SmolLM2 step, and a study without this reuse met
+        19 shapes, 14 of its 36 s of stepping in first steps and captures (BENCHMARKS.md)."""
+        width = -(-length // WIDTH_STEP) * WIDTH_STEP
+        room = [key for key in self.buckets if key[0] == rows and key[3] == dropout and key[2] >= targets
+                and width <= key[1] <= width * (1 + WIDTH_SLACK)]
+        if room:
+            return min(room, key=lambda key: (key[1], key[2]))
+        return rows, width, -(-int(targets * KEPT_HEADROOM) // KEPT_STEP) * KEPT_STEP, dropout
 
     def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
         """The step's data (its layout already at the bucket's width) into the bucket's buffers, with filler rows (one
@@ -138,7 +161,8 @@ class GraphedSteps:
                                (buffers.divisors, divisors)):
             buffer.copy_(values, non_blocking=True)
 
-    def _losses_and_grads(self, buffers: _Buffers, any_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses_and_grads(self, buffers: _Buffers, dropout: tuple[bool, float | None]) \
+            -> tuple[torch.Tensor, torch.Tensor]:
         """The bucket's forward, loss and backward, from its buffers alone (what a graph captures). Returns each
         row's loss and the gradient of each row's adapter weights."""
         engine, routing = self.engine, self.engine.routing
@@ -146,7 +170,7 @@ class GraphedSteps:
         # Filler rows run the base alone (scale 0): their activations stay finite whatever the adapter they repeat,
         # so their gradient is exactly 0.
         routing.assign(weights, routing.scales.index_select(1, buffers.index) * buffers.live,
-                       routing.dropout.index_select(0, buffers.index), any_dropout, engine.compute_dtype)
+                       routing.dropout.index_select(0, buffers.index), dropout[0], engine.compute_dtype, dropout[1])
         layout = Layout(buffers.input_ids, buffers.position_ids, buffers.kept, buffers.kept_targets, buffers.length,
                          segments=[])
         try:  # the routing stays set through the backward: gradient checkpointing runs the forward again there
@@ -160,6 +184,13 @@ class GraphedSteps:
         finally:
             routing.clear()
         return losses.detach(), grads
+
+
+def bucket_rows(adapters: int) -> int:
+    """The rows of a bucket for a step of `adapters` adapters: a power of two up to 4, then a multiple of 4. Fewer
+    buckets than exact counts (each is captured once), and fewer filler rows than powers of two alone: as a study's
+    early stopping thins its trials, steps of 9 to 12 adapters are common, and 16 rows made them a third filler."""
+    return 1 << (adapters - 1).bit_length() if adapters <= 4 else -(-adapters // 4) * 4
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

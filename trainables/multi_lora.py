@@ -43,9 +43,15 @@ class Routing:
     exact_dropout: bool = True
     step_dropout: torch.Tensor | None = None  # [rows, 1, 1]
     any_dropout: bool = False
+    # The one dropout rate of every row of the step, where they share one and the masks come from the device
+    # generator: then one fused kernel draws and applies a module's mask, rescaling included (MultiLoraLinear._dropout).
+    fused_dropout: float | None = None
+    # The last input cast to the compute dtype, and its cast: q, k and v (gate and up) read one input (_cast_once).
+    cast_source: torch.Tensor | None = None
+    cast: torch.Tensor | None = None
 
     def set(self, slots: list[int], dropout_keys: list[tuple[int, int]] | None, device, any_dropout: bool,
-            compute_dtype: torch.dtype | None = None) -> None:
+            compute_dtype: torch.dtype | None = None, shared_dropout: float | None = None) -> None:
         """Give every module its adapters for the step's slots, once for all modules: the slots' rows of `weights`
         (a view when they are consecutive, the usual case with every slot busy, else one gather), cast once to the
         compute dtype (bf16 under the engine's CUDA autocast, as the per-process path's autocast runs the LoRA
@@ -59,16 +65,18 @@ class Routing:
         weights = self.weights[rows] if consecutive else self.weights.index_select(0, index)
         scales = self.scales[:, rows] if consecutive else self.scales.index_select(1, index)
         dropout = self.dropout[rows] if consecutive else self.dropout.index_select(0, index)
-        self.assign(weights, scales, dropout, any_dropout and dropout_keys is not None, compute_dtype)
+        self.assign(weights, scales, dropout, any_dropout and dropout_keys is not None, compute_dtype, shared_dropout)
 
     def assign(self, weights: torch.Tensor, scales: torch.Tensor, dropout: torch.Tensor, any_dropout: bool,
-               compute_dtype: torch.dtype | None) -> None:
+               compute_dtype: torch.dtype | None, shared_dropout: float | None = None) -> None:
         """The step's rows of `weights` [rows, N], `scales` [modules, rows] and `dropout` [rows], cast and split into
         every module's step tensors. Tensor operations only, no values read: a CUDA graph can capture it
-        (trainables/graphed_step.py)."""
+        (trainables/graphed_step.py). `shared_dropout`: the rows' one dropout rate, if they share one."""
         self.any_dropout = any_dropout
         self.step_dropout = dropout.view(-1, 1, 1)
-        if self.any_dropout:  # inverted dropout's 1 / (1 - p), on every module's scale at once (MultiLoraLinear._dropout)
+        self.fused_dropout = shared_dropout if any_dropout and not self.exact_dropout else None
+        if self.any_dropout and self.fused_dropout is None:
+            # Inverted dropout's 1 / (1 - p), on every module's scale at once (MultiLoraLinear._dropout).
             scales = scales / (1.0 - dropout)
         if compute_dtype is not None:
             weights, scales = weights.to(compute_dtype), scales.to(compute_dtype)
@@ -81,7 +89,8 @@ class Routing:
             module.step_scale = module_scales[number].view(count, 1, 1)
 
     def clear(self) -> None:
-        self.dropout_keys, self.step_dropout, self.any_dropout = None, None, False
+        self.dropout_keys, self.step_dropout, self.any_dropout, self.fused_dropout = None, None, False, None
+        self.cast_source = self.cast = None
         for module in self.modules:
             module.step_a_t = module.step_b_t = module.step_scale = None
 
@@ -109,6 +118,9 @@ class MultiLoraLinear(nn.Module):
         # attribute would be a constant of the compiled code, and each layer would compile its own).
         self.step_a_t = self.step_b_t = self.step_scale = None
         self.routing = routing
+        # bitsandbytes' Linear4bit and DequantizedLinear return their input's dtype; a plain linear under autocast
+        # returns bf16 (forward: the base takes its input already cast).
+        self.base_output_in_input_dtype = type(base) is not nn.Linear
 
     def set_slot(self, slot: int, rank: int, scale: float, lora_a: torch.Tensor | None) -> None:
         """Give a slot its adapter: A's first `rank` rows (B starts at zero, as in LoRA), or scale 0 to leave this
@@ -121,21 +133,42 @@ class MultiLoraLinear(nn.Module):
             self.routing.scales[self.module_index, slot] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         if self.step_a_t is None:
-            return result
-        if self.routing.any_dropout:  # set for training steps only; the scale carries the 1 / (1 - p)
-            x = self._dropout(x)
-        # The scale rides on the [rows, L, R] product, the smallest one. On CPU everything is fp32.
-        if not x.is_cuda:
-            x = x.float()
-        hidden = torch.bmm(x, self.step_a_t) * self.step_scale
-        lora = torch.bmm(hidden, self.step_b_t)
-        return result + (lora if x.is_cuda else lora.to(result.dtype))
+            return self.base(x)
+        if not x.is_cuda:  # on CPU everything is fp32
+            result = self.base(x)
+            rows = self._dropout(x) if self.routing.any_dropout else x
+            return result + self._lora(rows.float()).to(result.dtype)
+        # On CUDA the input cast to bf16 once for the base and LoRA matmuls of every module that reads it, where
+        # autocast would cast it for each matmul (an fp32 input: the norms run in fp32, as in the per-process path).
+        compute = self._cast_once(x)
+        result = self.base(compute)
+        if self.base_output_in_input_dtype:
+            result = result.to(x.dtype)  # what the base returns given x itself: the sum below stays in fp32
+        rows = self._dropout(compute) if self.routing.any_dropout else compute  # training steps only
+        return result + self._lora(rows)
+
+    def _lora(self, rows: torch.Tensor) -> torch.Tensor:
+        # The scale rides on the [rows, L, R] product, the smallest one.
+        return torch.bmm(torch.bmm(rows, self.step_a_t) * self.step_scale, self.step_b_t)
+
+    def _cast_once(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the compute dtype; the cast is made once for the modules that read the same x (q, k and v; gate and
+        up), and each gets its own autograd node, so their input gradients are still cast and summed in fp32 as
+        autocast's casts would have them."""
+        dtype = self.step_a_t.dtype
+        if x.dtype == dtype:
+            return x
+        routing = self.routing
+        if routing.cast_source is not x:
+            routing.cast_source, routing.cast = x, x.detach().to(dtype)
+        return _SharedCast.apply(x, routing.cast)
 
     def _dropout(self, rows: torch.Tensor) -> torch.Tensor:
         """The rows with each slot's dropout mask applied; the rescaling by 1 / (1 - p) is in the step's scale
         (Routing.set), one kernel for all modules instead of one per module, forward and backward."""
+        if self.routing.fused_dropout is not None:  # one kernel draws, applies and rescales (the scale has no 1 / (1 - p))
+            return torch.nn.functional.dropout(rows, self.routing.fused_dropout, training=True)
         p = self.routing.step_dropout
         if self.routing.exact_dropout:
             keep = torch.cat([keyed_keep_mask(rows.shape[1:], float(p_i), seed, step, self.module_index, rows.device)
@@ -149,6 +182,25 @@ class MultiLoraLinear(nn.Module):
             # the draw, the comparison and the product. fp32 draws whatever the rows' dtype: the rate stays exact.
             return rows * (torch.rand_like(rows, dtype=torch.float32) >= p)
         return rows * keep
+
+
+class _SharedCast(torch.autograd.Function):
+    """Gives a consumer of x the cast of x made once (MultiLoraLinear._cast_once), with the backward of its own cast:
+    the consumer's gradient cast back to x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+def shared_dropout_rate(rates: list[float]) -> float | None:
+    """The rows' one dropout rate, where they share one (a fused kernel serves them all), else None."""
+    return rates[0] if rates and all(rate == rates[0] for rate in rates) else None
 
 
 def keyed_keep_mask(shape: tuple[int, int], p: float, seed: int, step: int, module_index: int, device) -> torch.Tensor:

@@ -130,15 +130,16 @@ class SlotAdamW:
         if kept is not None:
             self.weights.grad = kept if self.weights.grad is None else self.weights.grad.add_(kept)
 
-    def slot_state(self, slot: int, parts: list[tuple | None]) -> dict:
-        """What a checkpoint holds of the optimizer for one adapter: per parameter, the moments of its part of the
-        slot (`parts[i]` indexes parameter i's slot row: the adapter's rank, not the padded one), or None where the
-        adapter does not train that parameter. A rank-8 adapter of two modules then saves its own few MB, not the
-        moments of every module at the study's largest rank (~230 MB for SmolLM2 at rank 64)."""
+    def slot_moments(self, slot: int, parts: list[tuple | None]) -> dict:
+        """What a checkpoint holds of the optimizer for one adapter (its step count is steps[slot]): per parameter, the
+        moments of its part of the slot (`parts[i]` indexes parameter i's slot row: the adapter's rank, not the padded
+        one), or None where the adapter does not train that parameter. A rank-8 adapter of two modules then saves its
+        own few MB, not the moments of every module at the study's largest rank (~230 MB for SmolLM2 at rank 64).
+        Views of the device state: the caller copies them (trainables/engine.PiecesOffDevice)."""
         def part(tensor, index):
-            return None if index is None else tensor[slot][index].detach().cpu().clone()
+            return None if index is None else tensor[slot][index]
 
-        return {"step": self.steps[slot], "exp_avg": [part(m, i) for m, i in zip(self.exp_avg, parts)],
+        return {"exp_avg": [part(m, i) for m, i in zip(self.exp_avg, parts)],
                 "exp_avg_sq": [part(v, i) for v, i in zip(self.exp_avg_sq, parts)]}
 
     def load_slot_state(self, slot: int, state: dict, parts: list[tuple | None]) -> None:

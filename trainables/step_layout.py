@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
+
+
+def row_length(examples: list[dict]) -> int:
+    """The tokens of a slot's row: its examples packed."""
+    return sum(len(example["input_ids"]) for example in examples)
 
 
 def target_count(row: dict) -> int:
@@ -22,33 +29,42 @@ class Layout:
     segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
 
 
-def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, width_multiple: int = 1) -> Layout:
+def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, width: int | None = None) -> Layout:
     """One row per slot, its examples packed without padding between them (as TRL's padding_free packs them), the
-    rows padded at the end to the longest, rounded up to a multiple of `width_multiple` (CUDA graphs' buckets:
-    trainables/graphed_step.py), with one dummy sequence (its own positions, no targets). A row per
+    rows padded at the end to the longest, or to `width` (CUDA graphs' buckets: trainables/graphed_step.py), with one
+    dummy sequence (its own positions, no targets). A row per
     slot rather than one flat sequence for all: attention computes masked-out scores as 0 times the values, and a
     diverging adapter's inf or NaN values would reach its neighbours through those zeros (0 * NaN = NaN)."""
-    rows = {}
-    for slot, examples in batches.items():
-        ids, positions, targets = [], [], []
-        for example in examples:
-            tokens, mask = example["input_ids"], example["completion_mask"]
-            ids += tokens
-            positions += range(len(tokens))
-            targets += [t if m else -100 for t, m in zip(tokens[1:], mask[1:])] + [-100]
-        rows[slot] = (ids, positions, targets)
-    width = -(-max(len(ids) for ids, _, _ in rows.values()) // width_multiple) * width_multiple
-    all_ids, all_positions, all_targets, segments = [], [], [], []
-    for slot, (ids, positions, targets) in rows.items():
-        start, pad = len(all_targets), width - len(ids)
-        all_ids.append(ids + [pad_token_id] * pad)
-        all_positions.append(positions + list(range(pad)))
-        all_targets += targets + [-100] * pad
-        segments.append((slot, start, start + len(ids)))
-        if pad:
-            segments.append((-1, start + len(ids), start + width))
-    kept = [position for position, target in enumerate(all_targets) if target != -100]
-    return Layout(torch.tensor(all_ids, device=device), torch.tensor(all_positions, device=device),
-                   torch.tensor(kept, device=device, dtype=torch.long),
-                   torch.tensor([all_targets[position] for position in kept], device=device, dtype=torch.long),
-                   len(all_targets), segments)
+    # numpy rather than Python lists: the layout runs on the CPU for every step, and 16 adapters' 32 rows took
+    # ~10 ms that way on the H200's host, next to a step of ~150 ms.
+    lengths = {slot: [len(example["input_ids"]) for example in examples] for slot, examples in batches.items()}
+    longest = max(sum(sizes) for sizes in lengths.values())
+    width = width or longest
+    if width < longest:
+        raise ValueError(f"a row of {longest} tokens does not fit a layout {width} wide")
+    ids = np.full((len(batches), width), pad_token_id, dtype=np.int64)
+    positions = np.empty((len(batches), width), dtype=np.int64)
+    targets = np.full((len(batches), width), -100, dtype=np.int64)
+    segments = []
+    for row, (slot, examples) in enumerate(batches.items()):
+        sizes = lengths[slot]
+        count = sum(sizes)
+        tokens = np.fromiter(chain.from_iterable(example["input_ids"] for example in examples), np.int64, count)
+        mask = np.fromiter(chain.from_iterable(example["completion_mask"] for example in examples), np.bool_, count)
+        starts = np.cumsum([0] + sizes[:-1])
+        ids[row, :count] = tokens
+        positions[row, :count] = np.arange(count) - np.repeat(starts, sizes)
+        positions[row, count:] = np.arange(width - count)  # the padding: one dummy sequence
+        # A position's target is the next token where that one is a completion token of the same example.
+        predicts = np.zeros(count, dtype=np.bool_)
+        predicts[:-1] = mask[1:]
+        predicts[starts[1:] - 1] = False
+        targets[row, :count - 1] = np.where(predicts[:-1], tokens[1:], -100)
+        segments.append((slot, row * width, row * width + count))
+        if count < width:
+            segments.append((-1, row * width + count, (row + 1) * width))
+    flat_targets = targets.reshape(-1)
+    kept = np.flatnonzero(flat_targets != -100)
+    return Layout(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device),
+                  torch.from_numpy(kept).to(device), torch.from_numpy(flat_targets[kept]).to(device),
+                  flat_targets.size, segments)

@@ -503,9 +503,10 @@ class Snapshot:
 class PiecesOffDevice:
     """Copies of tensors (a slot's parts of the adapter weights and optimizer moments: strided views of the slot-major
     storage) on their way to the CPU: joined on the device and copied off in one asynchronous transfer into pinned
-    memory, split (and waited for) only when `tensors` is called. A snapshot is ~1,300 such pieces per adapter;
-    copied one by one, each waiting for the device, they took 144 ms per rank-64 adapter of the SmolLM2 shape on an
-    H200, under the engine's lock (BENCHMARKS.md)."""
+    memory, split (and waited for) only when `tensors` is called, by the trial that writes the snapshot, outside the
+    engine's lock. A snapshot is ~1,300 such pieces per adapter. For a rank-64 adapter of every SmolLM2-shaped module
+    on an H200, copied in one synchronous transfer and split under the lock, a snapshot took 144-153 ms; queued so,
+    38-39 ms to the transfer's end (BENCHMARKS.md, 2026-12-03)."""
 
     def __init__(self, pieces: list[torch.Tensor]):
         self.shapes = [piece.shape for piece in pieces]

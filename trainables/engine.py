@@ -21,7 +21,7 @@ from trainables.graphed_step import GraphedSteps
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, shared_dropout_rate, wrap_linear_layers
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
-from trainables.step_layout import Layout, flat_layout, target_count
+from trainables.step_layout import Layout, flat_layout, row_length, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
 
@@ -237,7 +237,7 @@ class LoraEngine:
         self.optimizer.take_back_gradients(earlier)
         for slot, examples in batches.items():
             adapter = self.adapters[slot]
-            adapter.tokens_seen += sum(len(example["input_ids"]) for example in examples)
+            adapter.tokens_seen += row_length(examples)
             if math.isfinite(losses[slot]):
                 adapter.loss_sum += losses[slot]
                 adapter.loss_steps += 1
@@ -331,7 +331,7 @@ class LoraEngine:
             # Rows per pass: as many as fit a token budget (packed rows have no padding, and without gradients the
             # logits are the memory), at least the configured batch: batches of 32 short rows made evaluation a
             # quarter of the engine's time in an 8B sweep (BENCHMARKS.md).
-            mean_tokens = max(1, sum(len(row["input_ids"]) for row in rows) // max(1, len(rows)))
+            mean_tokens = max(1, row_length(rows) // max(1, len(rows)))
             size = max(size, EVAL_TOKENS_PER_PASS // (mean_tokens * len(group)))
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]

@@ -129,8 +129,8 @@ class GraphedSteps:
         """The bucket (rows, width, kept, dropout) for a step of `rows` rows, its longest row `length` tokens and
         `targets` loss positions: an existing one with room for it and at most WIDTH_SLACK more positions per row,
         else a new one at the width rounded up to WIDTH_STEP and KEPT_HEADROOM more loss positions (they cost the
-        output head alone). A capture costs about five replays of a SmolLM2 step, and a study without this reuse met
-        19 shapes, 14 of its 36 s of stepping in first steps and captures (BENCHMARKS.md)."""
+        output head alone). A study without this reuse met 19 shapes, 14 of its 36 s of stepping in first steps and
+        captures (BENCHMARKS.md): about 0.7 s a shape, some five of its ~150 ms steps."""
         width = -(-length // WIDTH_STEP) * WIDTH_STEP
         room = [key for key in self.buckets if key[0] == rows and key[3] == dropout and key[2] >= targets
                 and width <= key[1] <= width * (1 + WIDTH_SLACK)]

@@ -165,9 +165,10 @@ class MultiLoraLinear(nn.Module):
         return _SharedCast.apply(x, routing.cast)
 
     def _dropout(self, rows: torch.Tensor) -> torch.Tensor:
-        """The rows with each slot's dropout mask applied; the rescaling by 1 / (1 - p) is in the step's scale
-        (Routing.set), one kernel for all modules instead of one per module, forward and backward."""
-        if self.routing.fused_dropout is not None:  # one kernel draws, applies and rescales (the scale has no 1 / (1 - p))
+        """The rows with each slot's dropout mask applied. With one rate shared by all rows, one fused kernel draws,
+        applies and rescales; otherwise the rescaling by 1 / (1 - p) is in the step's scale (Routing.assign), one kernel
+        for all modules instead of one per module, forward and backward."""
+        if self.routing.fused_dropout is not None:
             return torch.nn.functional.dropout(rows, self.routing.fused_dropout, training=True)
         p = self.routing.step_dropout
         if self.routing.exact_dropout:

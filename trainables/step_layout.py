@@ -10,7 +10,7 @@ import torch
 
 
 def row_length(examples: list[dict]) -> int:
-    """The tokens of a slot's row: its examples packed."""
+    """The tokens of a slot's row: its examples packed (their real tokens, no padding)."""
     return sum(len(example["input_ids"]) for example in examples)
 
 

@@ -207,10 +207,10 @@ def profile_step(engine, steps: int = 3) -> dict:
             classes[name] = classes.get(name, 0.0) + event.self_device_time_total / 1000 / steps
         busy = sum(classes.values())
         out.update({name: round(ms, 2) for name, ms in sorted(classes.items(), key=lambda kv: -kv[1])})
-        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
         out.update({f"kernel: {e.key[:90]}": round(e.self_device_time_total / 1000 / steps, 2) for e in top})
         # The operators whose own kernels took the GPU's time (in eager steps; a graph's replay launches them all).
-        for event in sorted(operators, key=lambda e: -e.self_device_time_total)[:8]:
+        for event in sorted(operators, key=lambda e: -e.self_device_time_total)[:14]:
             if event.self_device_time_total:
                 out[f"operator (GPU, its kernels): {event.key} x{event.count // steps}"] = round(
                     event.self_device_time_total / 1000 / steps, 2)

@@ -279,19 +279,27 @@ def test_an_input_cast_once_for_several_modules_gives_each_the_gradient_of_its_o
 
 def test_a_step_takes_a_captured_bucket_with_room_for_it_at_little_more_work(base):
     """Fewer captures: a step takes an existing bucket of its rows and dropout that holds its longest row with at most
-    WIDTH_SLACK more positions per row and its loss positions; otherwise a new one, with room for more loss positions."""
-    from trainables.graphed_step import KEPT_STEP, WIDTH_STEP
+    WIDTH_SLACK more positions per row, its loss positions, its longest example and its sequences (examples and
+    padding pieces); otherwise a new one, with room for more loss positions and sequences."""
+    from trainables.graphed_step import KEPT_STEP, SEQUENCES_STEP, WIDTH_STEP
 
     graphed = LoraEngine(base, slots=4, max_rank=MAX_RANK, cuda_graphs=True).graphed
     dropout = (True, 0.05)
-    first = graphed.bucket_for(16, 20 * WIDTH_STEP - 5, 1000, dropout)
+    rows = [20 * WIDTH_STEP - 5] * 15  # 15 adapters' rows in a bucket of 16: one filler row
+    first = graphed.bucket_for(16, rows, 1000, 400, 50, dropout)
     assert first[:2] == (16, 20 * WIDTH_STEP) and first[2] % KEPT_STEP == 0 and first[2] >= 1250
+    # The sequence bound is the longest example rounded up; the filler row is 20 dummy sequences, each other row's
+    # padding 1: room for 1.25 x (400 + 15 + 20).
+    assert first[4] == WIDTH_STEP and first[3] % SEQUENCES_STEP == 0 and first[3] >= 1.25 * 435
     graphed.buckets[first] = None
-    assert graphed.bucket_for(16, 19 * WIDTH_STEP, 1200, dropout) == first  # 1/19 wider: taken
-    assert graphed.bucket_for(16, 17 * WIDTH_STEP, 1000, dropout)[1] == 17 * WIDTH_STEP  # 3/17 wider: a new one
-    assert graphed.bucket_for(16, 19 * WIDTH_STEP, first[2] + 1, dropout) != first  # too few loss positions
-    assert graphed.bucket_for(12, 19 * WIDTH_STEP, 1000, dropout)[0] == 12  # other rows
-    assert graphed.bucket_for(16, 19 * WIDTH_STEP, 1000, (False, None))[3] == (False, None)  # other dropout
+    shorter = [19 * WIDTH_STEP] * 15
+    assert graphed.bucket_for(16, shorter, 1200, 480, 60, dropout) == first  # 1/19 wider: taken
+    assert graphed.bucket_for(16, [17 * WIDTH_STEP] * 15, 1000, 400, 50, dropout)[1] == 17 * WIDTH_STEP  # 3/17 wider
+    assert graphed.bucket_for(16, shorter, first[2] + 1, 400, 50, dropout) != first  # too few loss positions
+    assert graphed.bucket_for(16, shorter, 1000, first[3], 50, dropout) != first  # too few sequences
+    assert graphed.bucket_for(16, shorter, 1000, 400, WIDTH_STEP + 1, dropout) != first  # a longer example
+    assert graphed.bucket_for(12, shorter[:12], 1000, 400, 50, dropout)[0] == 12  # other rows
+    assert graphed.bucket_for(16, shorter, 1000, 400, 50, (False, None))[5] == (False, None)  # other dropout
 
 
 def test_bucket_rows_are_powers_of_two_up_to_four_then_multiples_of_four():
@@ -398,23 +406,50 @@ def test_bucketed_steps_train_as_the_plain_ones_and_contain_a_divergence(base, r
     # Buckets of 4 rows (4 adapters, then 3 and a filler row), 2 and 1; widths padded to WIDTH_STEP.
     from trainables.graphed_step import WIDTH_STEP
 
-    assert {rows for rows, _, _, _ in bucketed.graphed.buckets} == {4, 2, 1}
-    assert all(width % WIDTH_STEP == 0 for _, width, _, _ in bucketed.graphed.buckets)
+    assert {key[0] for key in bucketed.graphed.buckets} == {4, 2, 1}
+    assert all(key[1] % WIDTH_STEP == 0 for key in bucketed.graphed.buckets)
 
 
 def test_the_packed_examples_mask_is_transformers_mask():
-    """The bucketed step's attention mask, made on the device from the position ids, is the one transformers makes
-    from them for packed examples (each example attends to itself, causally)."""
-    from trainables.graphed_step import packed_causal_mask
+    """The reference of the engine's attention (on CPU): the mask made on the device from where the packed examples
+    start is the one transformers makes from their position ids (each example attends to itself, causally)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    from trainables.packed_attention import packed_causal_mask
 
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
-    mask = packed_causal_mask(positions)
+    starts = torch.tensor([0, 3, 5, 9, 15, 18], dtype=torch.int32)
+    mask = packed_causal_mask(starts, 2, 9)
     assert mask.shape == (2, 1, 9, 9)
-    example = [[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1, 1]]
+    example = find_packed_sequence_indices(positions)
     for row in range(2):
         for i in range(9):
             for j in range(9):
                 assert mask[row, 0, i, j].item() == (j <= i and example[row][i] == example[row][j])
+    # With a sliding window of 2, a position sees itself and the one before it, within its example.
+    windowed = packed_causal_mask(starts, 2, 9, window=2)
+    assert windowed[0, 0, 8].nonzero().flatten().tolist() == [7, 8]
+    assert windowed[0, 0, 5].nonzero().flatten().tolist() == [5]
+
+
+def test_the_layout_says_where_each_packed_example_starts():
+    """flat_layout's sequence starts: each example, then each row's padding, then the end; with the longest."""
+    from trainables.step_layout import flat_layout
+
+    def example(length):
+        return {"input_ids": list(range(1, length + 1)), "completion_mask": [0] + [1] * (length - 1)}
+
+    layout = flat_layout({3: [example(3), example(2)], 0: [example(6)]}, "cpu", width=8)
+    assert layout.sequence_starts.dtype == torch.int32
+    assert layout.sequence_starts.tolist() == [0, 3, 5, 8, 14, 16]
+    assert layout.longest_sequence == 6
+    # Wider rows: the padding comes as dummy sequences of at most the bound (its positions restart with each).
+    layout = flat_layout({3: [example(3), example(2)], 0: [example(6)]}, "cpu", width=16, sequence_bound=8)
+    assert layout.sequence_starts.tolist() == [0, 3, 5, 13, 16, 22, 30, 32]
+    assert layout.position_ids[0, 5:].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]
+    assert layout.longest_sequence == 8
+    with pytest.raises(ValueError, match="longer than the sequence bound"):
+        flat_layout({0: [example(6)]}, "cpu", sequence_bound=4)
 
 
 def test_gradient_checkpointing_trains_as_without_it(tiny_model_dir, rows):

@@ -98,3 +98,59 @@ def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contain
     assert together.evaluate(slot) == pytest.approx(alone.evaluate(0), rel=2e-2)
     if options.get("cuda_graphs"):  # buckets met more than once were captured and replayed
         assert any(bucket.graph is not None for bucket in together.graphed.buckets.values())
+    from trainables.base_layers import FusedRMSNorm
+
+    assert any(isinstance(module, FusedRMSNorm) for module in together.model.modules())  # norms fused on CUDA
+
+
+def test_packed_attention_on_cuda_gives_the_reference_and_keeps_a_nan_in_its_example():
+    """The engine's attention on CUDA (PyTorch's varlen flash attention over the packed examples) against its
+    reference (scaled_dot_product_attention with the examples' mask, in fp32), forward and backward, with grouped
+    key and value heads; a NaN in one example's values reaches no other example."""
+    from trainables.packed_attention import packed_attention, varlen_attn
+
+    if varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    rows, width, heads, groups, dim = 2, 64, 4, 2, 32
+    starts = torch.tensor([0, 5, 30, 64, 100, 128], dtype=torch.int32)  # 3 + 2 sequences, the last row padding
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(rows, n, width, dim, generator=generator) for n in (heads, heads // groups, heads // groups))
+
+    def attend(device, dtype, values=v):
+        inputs = [t.detach().to(device, dtype).requires_grad_() for t in (q, k, values)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            out, _ = packed_attention(None, *inputs, None, cu_seq_lens_q=starts.to(device), max_length_q=width)
+        out.float().pow(2).sum().backward()
+        return out.float().cpu(), [t.grad.float().cpu() for t in inputs]
+
+    expected, expected_grads = attend("cpu", torch.float32)
+    out, grads = attend("cuda", torch.float32)
+    assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2)
+    for grad, reference in zip(grads, expected_grads):
+        assert torch.allclose(grad, reference, rtol=5e-2, atol=5e-2)
+    poisoned = v.clone()
+    poisoned[0, :, 7] = float("nan")  # row 0, position 7: the second example (positions 5-29)
+    out, _ = attend("cuda", torch.float32, values=poisoned)
+    nan_positions = torch.isnan(out).any(-1).any(-1).flatten().nonzero().flatten()
+    assert nan_positions.tolist() == list(range(7, 30))
+
+
+def test_a_dequantized_linear_writes_fp32_as_its_matmul_and_a_cast_would():
+    """DequantizedLinear's fp32 output straight from the matmul (torch.mm's out_dtype) on CUDA: the bf16 matmul and
+    cast's values up to bf16 rounding, and the same input gradient."""
+    import bitsandbytes as bnb
+
+    from trainables.base_layers import DequantizedLinear
+
+    layer = bnb.nn.Linear4bit(96, 160, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    linear = DequantizedLinear(layer)
+    x = torch.randn(3, 11, 96, device="cuda").to(torch.bfloat16)
+    wide_input, cast_input = x.clone().requires_grad_(), x.clone().requires_grad_()
+    wide = linear(wide_input, out_dtype=torch.float32)
+    cast = linear(cast_input).float()
+    assert wide.dtype == torch.float32 and wide.shape == (3, 11, 160)
+    assert torch.allclose(wide, cast, rtol=1e-2, atol=1e-2) and not torch.equal(wide, cast)
+    gradient = torch.randn_like(wide)
+    wide.backward(gradient)
+    cast.backward(gradient)
+    assert torch.allclose(wide_input.grad.float(), cast_input.grad.float(), rtol=1e-2, atol=1e-3)

@@ -15,21 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainables.base_layers import dequantize_linear_layers, fuse_rms_norms
 from trainables.graphed_step import GraphedSteps
 from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, shared_dropout_rate, wrap_linear_layers
+from trainables.packed_attention import use_packed_attention
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
 from trainables.step_layout import Layout, flat_layout, row_length, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
-
-
-# Attention kernels the engine lets PyTorch's scaled_dot_product_attention choose from: not cuDNN's, which builds an
-# execution plan for each new shape, and an engine step's row width changes with nearly every step: ~2 ms of CPU per
-# call, forward and backward, a quarter of a SmolLM2 step on an H200 (BENCHMARKS.md). The memory-efficient kernel
-# takes the mask of the packed examples at the cost of a launch. The backward runs the forward's kernel's backward.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Tokens of all adapters' rows in one evaluation pass: bf16 logits over a 49k vocabulary are ~1.6 GB at 16k.
 EVAL_TOKENS_PER_PASS = 16384
@@ -89,6 +83,8 @@ class LoraEngine:
         self.routing, self.modules, weights = wrap_linear_layers(self.model, slots, max_rank)
         if dequantized_base:
             dequantize_linear_layers(self.modules.values())
+        if base.device == "cuda":  # on CPU, transformers' norms stay: the reference the tests compare with
+            fuse_rms_norms(self.model)
         # Keyed dropout masks (exact beside any neighbours) on CPU, the CPU tests' reference; the device generator's
         # on CUDA, and in bucketed steps (keyed masks need each row's key on the CPU).
         self.routing.exact_dropout = base.device != "cuda" and not cuda_graphs
@@ -99,6 +95,9 @@ class LoraEngine:
         # vocabulary in fp32), and the loss reads only those positions. Used where the model's logits are its head
         # applied to its decoder's last hidden state, as checked here (models that scale or cap logits are not).
         self.head_alone = _head_alone_gives_the_logits(self.model)
+        # Attention within each packed example, told where they start (trainables/packed_attention.py): after the
+        # check above, which runs the model on one plain sequence.
+        use_packed_attention(self.model)
         if compile_backend:
             compile_decoder_layers(self.model, compile_backend, gradient_checkpointing)
         self.max_rank = max_rank
@@ -284,20 +283,16 @@ class LoraEngine:
         adapter = self.adapters[slot]
         return adapter.step * adapter.training.gradient_accumulation_steps + adapter.micro_step
 
-    def _token_losses(self, layout: Layout, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of every flattened position against its target (0 where it has none). `attention_mask`: the
-        packed examples' 4D mask, made by the caller (trainables/graphed_step.py) rather than by transformers from
-        position_ids, which reads values on the CPU."""
+    def _token_losses(self, layout: Layout) -> torch.Tensor:
+        """Cross-entropy of every flattened position against its target (0 where it has none)."""
         # bf16 autocast on CUDA, as the Trainer runs the per-process path (bf16=True): prepare_model_for_kbit_training
         # leaves norms, embeddings and the head in fp32, and without autocast attention and the head ran in fp32
-        # (fp32 attention kernels seen in the H200 profile). No cache: with one, transformers skips finding the
-        # packed examples in position_ids, and they would attend to each other.
+        # (fp32 attention kernels seen in the H200 profile). No cache: a step has no use for one.
         # The autocast cache is off: it holds casts of weights that need gradients, which the base's do not, and a
-        # CUDA graph cannot capture it.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda, cache_enabled=False), \
-                sdpa_kernel(ATTENTION_BACKENDS):
-            inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
-                      "attention_mask": attention_mask, "use_cache": False}
+        # CUDA graph cannot capture it. Attention runs within each packed example, given where they start.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=layout.input_ids.is_cuda, cache_enabled=False):
+            inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids, "use_cache": False,
+                      "cu_seq_lens_q": layout.sequence_starts, "max_length_q": layout.longest_sequence}
             if self.head_alone:
                 hidden = self.model.get_decoder()(**inputs).last_hidden_state
                 logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, layout.kept))
@@ -435,39 +430,6 @@ def compile_decoder_layers(model, backend: str, gradient_checkpointing: bool) ->
     print(f"[lorasweep] engine: {len(layers)} decoder layers compiled with torch.compile ({backend}); the first "
           f"steps take longer while it compiles", flush=True)
     return len(layers)
-
-
-class DequantizedLinear(torch.nn.Module):
-    """A frozen linear layer holding a 4-bit layer's weight dequantized once, computing as that layer does: the
-    input cast to the compute dtype, the output cast back to the input's dtype (bitsandbytes' Linear4bit.forward)."""
-
-    def __init__(self, layer):
-        import bitsandbytes as bnb
-
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        dtype = layer.compute_dtype or torch.float32
-        self.register_buffer("weight", bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-                             .to(dtype))
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-def dequantize_linear_layers(modules) -> int:
-    """Replace each 4-bit base linear by a DequantizedLinear: the same numbers as the 4-bit layer's matmul uses
-    (bitsandbytes dequantizes the NF4 weight to the compute dtype before every matmul, forward and backward), without
-    the two dequantizations and bitsandbytes' per-call work in every step. Four times the base's 4-bit memory,
-    affordable because the engine holds one base per GPU, not one per trial. Returns the number of layers replaced."""
-    import bitsandbytes as bnb
-
-    replaced = 0
-    for module in modules:
-        if isinstance(module.base, bnb.nn.Linear4bit):
-            module.base = DequantizedLinear(module.base)
-            replaced += 1
-    return replaced
 
 
 @dataclass

@@ -5,12 +5,14 @@ BENCHMARKS.md); a replay launches them all at once.
 
 A graph replays fixed shapes and fixed memory, so a step is laid out in buckets: its adapters' rows padded
 (bucket_rows; filler rows run the base alone and have no targets: a loss and gradient of exactly 0), the
-row width rounded up to a multiple of WIDTH_STEP (a dummy sequence, as the eager layout pads), and the positions
-whose loss counts padded to a multiple of KEPT_STEP (position 0, whose target is none: a loss of 0); a step takes a
-bucket already captured where one has room for it at little more work (bucket_for). Nothing in the
-captured work reads a value on the CPU: the slots' rows of the adapter weights are gathered by an index tensor, the
-packed examples' attention mask is made from the position ids on the device, and the gradient comes out of the
-graph as a tensor (torch.autograd.grad) that the engine adds to the slots' gradients outside it.
+row width rounded up to a multiple of WIDTH_STEP (dummy sequences, as the eager layout pads), and the positions
+whose loss counts padded to a multiple of KEPT_STEP (position 0, whose target is none: a loss of 0), and the list
+of where the packed examples start padded with empty sequences at the end; a step takes a bucket already captured
+where one has room for it at little more work (bucket_for). Nothing in the captured work reads a value on the CPU:
+the slots' rows of the adapter weights are gathered by an index tensor, attention takes the examples' starts as a
+tensor and the bucket's sequence bound as the longest a sequence can be (the longest example rounded up; the
+padding comes as dummy sequences no longer), and the gradient comes out of the graph as a tensor
+(torch.autograd.grad) that the engine adds to the slots' gradients outside it.
 
 A bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces, lazy
 initialization), its second is captured and replayed; all graphs share one memory pool, which is safe because they
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from trainables.multi_lora import shared_dropout_rate
-from trainables.step_layout import Layout, flat_layout, row_length, target_count
+from trainables.step_layout import Layout, flat_layout, padding_sequences, row_length, target_count
 
 WIDTH_STEP = 64  # row widths are rounded up to a multiple of this (also the memory-efficient attention's alignment)
 WIDTH_SLACK = 0.125  # a step takes an existing bucket up to this much wider than it needs rather than a new one
 KEPT_STEP = 256  # positions with a loss, rounded up to a multiple of this
-KEPT_HEADROOM = 1.25  # a new bucket's room for positions with a loss, over its first step's
+SEQUENCES_STEP = 64  # packed examples (and rows' padding), rounded up to a multiple of this
+HEADROOM = 1.25  # a new bucket's room for positions with a loss and for examples, over its first step's
 
 
 @dataclass
@@ -44,9 +47,11 @@ class _Buffers:
     position_ids: torch.Tensor  # [rows, width]
     kept: torch.Tensor  # [kept]: flattened positions whose loss counts, padded with position 0
     kept_targets: torch.Tensor  # [kept]: their next tokens, -100 for the padding
+    sequence_starts: torch.Tensor  # [sequences + 1], int32: where each example starts, then the end, repeated
     index: torch.Tensor  # [rows]: each row's slot (filler rows repeat the first slot)
     live: torch.Tensor  # [rows]: 1 for a slot's row, 0 for a filler row (its LoRA scales are zeroed)
     divisors: torch.Tensor  # [rows]: each row's adapter's completion tokens over its accumulation window
+    sequence_bound: int  # no sequence is longer: what attention is told (a constant of the graph)
 
     @property
     def length(self) -> int:
@@ -85,17 +90,19 @@ class GraphedSteps:
         # A shared rate is a constant of the captured kernels: a bucket per rate.
         dropout = (any(rates), shared_dropout_rate(rates))
         key = self.bucket_for(min(bucket_rows(len(slots)), self.slots),
-                              max(row_length(examples) for examples in batches.values()),
+                              [row_length(examples) for examples in batches.values()],
                               sum(target_count(example) for examples in batches.values() for example in examples),
+                              sum(len(examples) for examples in batches.values()),
+                              max(len(example["input_ids"]) for examples in batches.values() for example in examples),
                               dropout)
-        rows, width, kept, _ = key
+        rows, width, kept, sequences, bound, _ = key
         bucket = self.buckets.get(key)
         fresh = bucket is None
         if fresh:
-            bucket = self.buckets[key] = _Bucket(_allocate(rows, width, kept, engine.model.device))
+            bucket = self.buckets[key] = _Bucket(_allocate(rows, width, kept, sequences, bound, engine.model.device))
         began = time.time()
         with torch.profiler.record_function("lorasweep: batch layout"):
-            self._fill(bucket.buffers, flat_layout(batches, "cpu", width=width), slots)
+            self._fill(bucket.buffers, flat_layout(batches, "cpu", width=width, sequence_bound=bound), slots)
         if not self.capture:
             losses, grads = self._losses_and_grads(bucket.buffers, dropout)
         elif fresh:  # the first step of a bucket runs eagerly on a side stream, as capture needs
@@ -125,39 +132,59 @@ class GraphedSteps:
         weights.grad.index_add_(0, bucket.buffers.index, grads)
         return dict(zip(slots, losses[:len(slots)].tolist()))
 
-    def bucket_for(self, rows: int, length: int, targets: int, dropout: tuple) -> tuple:
-        """The bucket (rows, width, kept, dropout) for a step of `rows` rows, its longest row `length` tokens and
-        `targets` loss positions: an existing one with room for it and at most WIDTH_SLACK more positions per row,
-        else a new one at the width rounded up to WIDTH_STEP and KEPT_HEADROOM more loss positions (they cost the
-        output head alone). A study without this reuse met 19 shapes, 14 of its 36 s of stepping in first steps and
-        captures (BENCHMARKS.md): about 0.7 s a shape, some five of its ~150 ms steps."""
-        width = -(-length // WIDTH_STEP) * WIDTH_STEP
-        room = [key for key in self.buckets if key[0] == rows and key[3] == dropout and key[2] >= targets
-                and width <= key[1] <= width * (1 + WIDTH_SLACK)]
+    def bucket_for(self, rows: int, row_lengths: list[int], targets: int, examples: int, longest_example: int,
+                   dropout: tuple) -> tuple:
+        """The bucket (rows, width, kept, sequences, sequence bound, dropout) for a step of `rows` rows holding rows of
+        `row_lengths` tokens, `targets` loss positions and `examples` examples, the longest `longest_example` tokens:
+        an existing one with room for it and at most WIDTH_SLACK more positions per row, else a new one at the width
+        and sequence bound rounded up to WIDTH_STEP, with HEADROOM more loss positions and sequences (they cost the
+        output head alone, and an empty sequence nearly nothing). A study without this reuse met 19 shapes, 14 of its
+        36 s of stepping in first steps and captures (BENCHMARKS.md): about 0.7 s a shape, some five of its ~150 ms
+        steps."""
+        width = -(-max(row_lengths) // WIDTH_STEP) * WIDTH_STEP
+
+        def sequences(width: int, bound: int) -> int:  # examples and padding, filler rows included
+            return examples + sum(padding_sequences(width - length, bound) for length in row_lengths) \
+                + (rows - len(row_lengths)) * padding_sequences(width, bound)
+
+        room = [key for key in self.buckets if key[0] == rows and key[5] == dropout and key[2] >= targets
+                and width <= key[1] <= width * (1 + WIDTH_SLACK) and key[4] >= longest_example
+                and key[3] >= sequences(key[1], key[4])]
         if room:
-            return min(room, key=lambda key: (key[1], key[2]))
-        return rows, width, -(-int(targets * KEPT_HEADROOM) // KEPT_STEP) * KEPT_STEP, dropout
+            return min(room, key=lambda key: key[1:5])
+        bound = -(-longest_example // WIDTH_STEP) * WIDTH_STEP
+        return (rows, width, -(-int(targets * HEADROOM) // KEPT_STEP) * KEPT_STEP,
+                -(-int(sequences(width, bound) * HEADROOM) // SEQUENCES_STEP) * SEQUENCES_STEP, bound, dropout)
 
     def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
         """The step's data (its layout already at the bucket's width) into the bucket's buffers, with filler rows (one
-        dummy sequence each, as the layout pads) and the kept positions padded."""
+        dummy sequence each, as the layout pads), the kept positions padded, and the sequences' starts padded with
+        empty sequences at the end."""
         engine = self.engine
         rows, width = buffers.input_ids.shape
         count = len(slots)
         ids = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.arange(width).repeat(rows, 1)
+        positions = (torch.arange(width) % layout.longest_sequence).repeat(rows, 1)
         ids[:count] = layout.input_ids
         positions[:count] = layout.position_ids
         kept = torch.zeros(buffers.kept.shape[0], dtype=torch.long)
         targets = torch.full((buffers.kept.shape[0],), -100, dtype=torch.long)
         kept[:len(layout.kept)] = layout.kept
         targets[:len(layout.kept)] = layout.kept_targets
+        starts = torch.full((buffers.sequence_starts.shape[0],), rows * width, dtype=torch.int32)
+        real = layout.sequence_starts[:-1]  # its last entry, the layout's end, is where the filler rows start
+        starts[:len(real)] = real
+        bound = layout.longest_sequence  # filler rows: dummy sequences of at most the bound, as the layout pads
+        filler = torch.arange(count * width, rows * width, bound, dtype=torch.int32) if count < rows else \
+            torch.zeros(0, dtype=torch.int32)
+        starts[len(real):len(real) + len(filler)] = filler
         index = torch.tensor(slots + [slots[0]] * (rows - count))
         live = (torch.arange(rows) < count).float()
         divisors = torch.tensor([engine.adapters[s].loss_divisor for s in slots] + [1] * (rows - count),
                                 dtype=torch.float32)
         for buffer, values in ((buffers.input_ids, ids), (buffers.position_ids, positions), (buffers.kept, kept),
-                               (buffers.kept_targets, targets), (buffers.index, index), (buffers.live, live),
+                               (buffers.kept_targets, targets), (buffers.sequence_starts, starts),
+                               (buffers.index, index), (buffers.live, live),
                                (buffers.divisors, divisors)):
             buffer.copy_(values, non_blocking=True)
 
@@ -172,10 +199,10 @@ class GraphedSteps:
         routing.assign(weights, routing.scales.index_select(1, buffers.index) * buffers.live,
                        routing.dropout.index_select(0, buffers.index), dropout[0], engine.compute_dtype, dropout[1])
         layout = Layout(buffers.input_ids, buffers.position_ids, buffers.kept, buffers.kept_targets, buffers.length,
-                         segments=[])
+                        segments=[], sequence_starts=buffers.sequence_starts, longest_sequence=buffers.sequence_bound)
         try:  # the routing stays set through the backward: gradient checkpointing runs the forward again there
             with torch.profiler.record_function("lorasweep: forward and loss"):  # labels for eager runs' profiles
-                token_losses = engine._token_losses(layout, packed_causal_mask(buffers.position_ids))
+                token_losses = engine._token_losses(layout)
                 losses = token_losses.view(buffers.input_ids.shape[0], -1).sum(dim=1) / buffers.divisors
             # A non-finite loss is left out of the backward (its adapter fails), as in the eager step.
             with torch.profiler.record_function("lorasweep: backward"):
@@ -193,23 +220,13 @@ def bucket_rows(adapters: int) -> int:
     return 1 << (adapters - 1).bit_length() if adapters <= 4 else -(-adapters // 4) * 4
 
 
-def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, width, width] booleans: a position attends to the positions before it in its own packed example,
-    an example starting wherever the position ids do not go up by one (transformers' find_packed_sequence_indices),
-    computed on the device without reading a value."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    example = starts.cumsum(dim=1)
-    width = position_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
-    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
-
-
-def _allocate(rows: int, width: int, kept: int, device) -> _Buffers:
+def _allocate(rows: int, width: int, kept: int, sequences: int, bound: int, device) -> _Buffers:
     def long(*shape):
         return torch.zeros(*shape, dtype=torch.long, device=device)
 
     def ones(*shape):
         return torch.ones(*shape, dtype=torch.float32, device=device)
 
-    return _Buffers(long(rows, width), long(rows, width), long(kept), long(kept), long(rows), ones(rows), ones(rows))
+    return _Buffers(long(rows, width), long(rows, width), long(kept), long(kept),
+                    torch.zeros(sequences + 1, dtype=torch.int32, device=device), long(rows), ones(rows), ones(rows),
+                    bound)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainables.base_layers import DequantizedLinear
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -142,9 +144,12 @@ class MultiLoraLinear(nn.Module):
         # On CUDA the input cast to bf16 once for the base and LoRA matmuls of every module that reads it, where
         # autocast would cast it for each matmul (an fp32 input: the norms run in fp32, as in the per-process path).
         compute = self._cast_once(x)
-        result = self.base(compute)
-        if self.base_output_in_input_dtype:
-            result = result.to(x.dtype)  # what the base returns given x itself: the sum below stays in fp32
+        if isinstance(self.base, DequantizedLinear):  # x's dtype written by the matmul itself, not cast after it
+            result = self.base(compute, out_dtype=x.dtype)
+        else:
+            result = self.base(compute)
+            if self.base_output_in_input_dtype:
+                result = result.to(x.dtype)  # what the base returns given x itself: the sum below stays in fp32
         rows = self._dropout(compute) if self.routing.any_dropout else compute  # training steps only
         return result + self._lora(rows)
 

@@ -27,14 +27,21 @@ class Layout:
     kept_targets: torch.Tensor  # that next token, per kept position
     length: int  # slots * L
     segments: list[tuple[int, int, int]]  # (slot, start, end) over the flattened tokens; slot -1 is padding
+    # Where each sequence (an example, or a row's padding) starts among the flattened tokens, then `length`: int32, as
+    # attention over packed examples takes them (trainables/packed_attention.py); and the longest sequence's tokens.
+    sequence_starts: torch.Tensor
+    longest_sequence: int
 
 
-def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, width: int | None = None) -> Layout:
+def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, width: int | None = None,
+                sequence_bound: int | None = None) -> Layout:
     """One row per slot, its examples packed without padding between them (as TRL's padding_free packs them), the
-    rows padded at the end to the longest, or to `width` (CUDA graphs' buckets: trainables/graphed_step.py), with one
-    dummy sequence (its own positions, no targets). A row per
-    slot rather than one flat sequence for all: attention computes masked-out scores as 0 times the values, and a
-    diverging adapter's inf or NaN values would reach its neighbours through those zeros (0 * NaN = NaN)."""
+    rows padded at the end to the longest, or to `width` (CUDA graphs' buckets: trainables/graphed_step.py). The
+    padding is dummy sequences (their own positions, no targets) of at most `sequence_bound` tokens (default: the
+    longest example), so that no sequence is longer than that bound: attention's work per sequence is sized by the
+    longest (trainables/packed_attention.py). A row per slot: the LoRA matmuls take each slot's tokens as one batch
+    entry (trainables/multi_lora.py), and a diverging adapter's inf or NaN values stay in its own row even where
+    attention computes masked-out scores as 0 times the values (the reference's mask: 0 * NaN = NaN)."""
     # numpy rather than Python lists: the layout runs on the CPU for every step, and 16 adapters' 32 rows took
     # ~10 ms that way on the H200's host, next to a step of ~150 ms.
     lengths = {slot: [len(example["input_ids"]) for example in examples] for slot, examples in batches.items()}
@@ -42,10 +49,14 @@ def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, w
     width = width or longest
     if width < longest:
         raise ValueError(f"a row of {longest} tokens does not fit a layout {width} wide")
+    longest_example = max(max(sizes) for sizes in lengths.values())
+    bound = sequence_bound or longest_example
+    if bound < longest_example:
+        raise ValueError(f"an example of {longest_example} tokens is longer than the sequence bound {bound}")
     ids = np.full((len(batches), width), pad_token_id, dtype=np.int64)
     positions = np.empty((len(batches), width), dtype=np.int64)
     targets = np.full((len(batches), width), -100, dtype=np.int64)
-    segments = []
+    segments, starts_of_sequences = [], []
     for row, (slot, examples) in enumerate(batches.items()):
         sizes = lengths[slot]
         count = sum(sizes)
@@ -54,17 +65,24 @@ def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, w
         starts = np.cumsum([0] + sizes[:-1])
         ids[row, :count] = tokens
         positions[row, :count] = np.arange(count) - np.repeat(starts, sizes)
-        positions[row, count:] = np.arange(width - count)  # the padding: one dummy sequence
+        positions[row, count:] = np.arange(width - count) % bound  # the padding's dummy sequences
         # A position's target is the next token where that one is a completion token of the same example.
         predicts = np.zeros(count, dtype=np.bool_)
         predicts[:-1] = mask[1:]
         predicts[starts[1:] - 1] = False
         targets[row, :count - 1] = np.where(predicts[:-1], tokens[1:], -100)
         segments.append((slot, row * width, row * width + count))
+        starts_of_sequences += [row * width + starts, row * width + np.arange(count, width, bound)]
         if count < width:
             segments.append((-1, row * width + count, (row + 1) * width))
     flat_targets = targets.reshape(-1)
     kept = np.flatnonzero(flat_targets != -100)
+    sequence_starts = np.concatenate(starts_of_sequences + [[flat_targets.size]]).astype(np.int32)
     return Layout(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device),
                   torch.from_numpy(kept).to(device), torch.from_numpy(flat_targets[kept]).to(device),
-                  flat_targets.size, segments)
+                  flat_targets.size, segments, torch.from_numpy(sequence_starts).to(device), bound)
+
+
+def padding_sequences(padding: int, bound: int) -> int:
+    """The dummy sequences flat_layout pads `padding` positions of a row with, for a sequence bound of `bound`."""
+    return -(-padding // bound)

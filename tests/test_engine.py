@@ -13,6 +13,7 @@ import torch
 from test_trial_training import tokenized_rows
 from trainables.engine import LoraEngine
 from trainables.multi_lora import keyed_keep_mask
+from trainables.step_layout import flat_layout
 from trainables.trial_spec import BaseModelSpec, TrainingConfig
 
 MAX_RANK = 16
@@ -300,6 +301,29 @@ def test_a_step_takes_a_captured_bucket_with_room_for_it_at_little_more_work(bas
     assert graphed.bucket_for(16, shorter, 1000, 400, WIDTH_STEP + 1, dropout) != first  # a longer example
     assert graphed.bucket_for(12, shorter[:12], 1000, 400, 50, dropout)[0] == 12  # other rows
     assert graphed.bucket_for(16, shorter, 1000, 400, 50, (False, None))[5] == (False, None)  # other dropout
+
+
+def test_a_buckets_sequences_stay_within_their_rows(base, rows):
+    """The bucket's list of where sequences start: the step's examples and padding pieces, then its filler rows cut in
+    pieces of at most the sequence bound that start again with each row (a sequence never spans two rows, even where
+    the width is no multiple of the bound), then empty sequences at the end."""
+    from trainables.graphed_step import _allocate
+
+    engine = LoraEngine(base, slots=2, max_rank=MAX_RANK, cuda_graphs=True)
+    slot = engine.add("subject", SUBJECT, rows["train"], rows["validation"])
+    batch = {slot: rows["train"][:2]}
+    width, bound = 192, 128  # 1.5 bounds per row
+    buffers = _allocate(rows=3, width=width, kept=256, sequences=16, bound=bound, device="cpu")
+    layout = flat_layout(batch, "cpu", width=width, sequence_bound=bound)
+    engine.graphed._fill(buffers, layout, [slot])
+    starts = buffers.sequence_starts.tolist()
+    real = layout.sequence_starts.tolist()[:-1]
+    assert starts[:len(real)] == real
+    assert starts[len(real):len(real) + 4] == [width, width + bound, 2 * width, 2 * width + bound]
+    assert set(starts[len(real) + 4:]) == {3 * width}
+    sequence_of = torch.searchsorted(buffers.sequence_starts, torch.arange(3 * width, dtype=torch.int32), right=True)
+    assert all(set(sequence_of[r * width:(r + 1) * width].tolist()).isdisjoint(sequence_of[(r + 1) * width:].tolist())
+               for r in range(2))
 
 
 def test_bucket_rows_are_powers_of_two_up_to_four_then_multiples_of_four():

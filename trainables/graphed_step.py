@@ -157,9 +157,9 @@ class GraphedSteps:
                 -(-int(sequences(width, bound) * HEADROOM) // SEQUENCES_STEP) * SEQUENCES_STEP, bound, dropout)
 
     def _fill(self, buffers: _Buffers, layout, slots: list[int]) -> None:
-        """The step's data (its layout already at the bucket's width) into the bucket's buffers, with filler rows (one
-        dummy sequence each, as the layout pads), the kept positions padded, and the sequences' starts padded with
-        empty sequences at the end."""
+        """The step's data (its layout already at the bucket's width and sequence bound) into the bucket's buffers,
+        with filler rows (dummy sequences, as the layout pads), the kept positions padded, and the sequences' starts
+        padded with empty sequences at the end."""
         engine = self.engine
         rows, width = buffers.input_ids.shape
         count = len(slots)
@@ -174,9 +174,9 @@ class GraphedSteps:
         starts = torch.full((buffers.sequence_starts.shape[0],), rows * width, dtype=torch.int32)
         real = layout.sequence_starts[:-1]  # its last entry, the layout's end, is where the filler rows start
         starts[:len(real)] = real
-        bound = layout.longest_sequence  # filler rows: dummy sequences of at most the bound, as the layout pads
-        filler = torch.arange(count * width, rows * width, bound, dtype=torch.int32) if count < rows else \
-            torch.zeros(0, dtype=torch.int32)
+        # Filler rows: dummy sequences of at most the bound, starting again with each row, as the layout pads a row.
+        filler = (torch.arange(count, rows, dtype=torch.int32)[:, None] * width
+                  + torch.arange(0, width, layout.longest_sequence, dtype=torch.int32)[None]).flatten()
         starts[len(real):len(real) + len(filler)] = filler
         index = torch.tensor(slots + [slots[0]] * (rows - count))
         live = (torch.arange(rows) < count).float()

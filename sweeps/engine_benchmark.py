@@ -121,10 +121,10 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     tokens_before = sum(a.tokens_seen for a in engine.adapters.values())
     buckets_before = len(engine.graphed.buckets) if engine.graphed is not None else 0
     began = time.time()
-    for _ in range(steps):
-        engine.step()
-    if cuda:
-        torch.cuda.synchronize()
+    for _ in range(steps):  # as the engine actor steps: each step queued, then the one before it read
+        engine.queue_step()
+        engine.settle(leave=1)
+    engine.settle()
     seconds = time.time() - began
     # Real tokens only (a slot's row is padded to the longest of the step; pads are not counted).
     tokens = sum(a.tokens_seen for a in engine.adapters.values()) - tokens_before

@@ -65,6 +65,14 @@ def train(engine: LoraEngine) -> dict[int, list[float]]:
     return losses
 
 
+def train_queued(engine: LoraEngine) -> None:
+    """As train(), but as the engine actor steps: each step queued, then the one before it read."""
+    while engine.active():
+        engine.queue_step()
+        engine.settle(leave=1)
+    engine.settle()
+
+
 def subject_weights(engine: LoraEngine, slot: int) -> dict[str, torch.Tensor]:
     return {name: torch.cat([m.lora_A[slot].flatten(), m.lora_B[slot].flatten()]).detach().clone()
             for name, m in engine.modules.items()}
@@ -162,6 +170,44 @@ def test_a_diverging_neighbour_fails_alone(base, rows):
     alone = engine_for(base, slots=1)
     alone.add("subject", SUBJECT, rows["train"], rows["validation"])
     assert losses[subject] == pytest.approx(train(alone)[0], rel=1e-4)
+
+
+def test_steps_queued_ahead_of_their_reading_train_as_steps_read_at_once_and_contain_a_divergence(base, rows):
+    """The engine actor's loop queues a step, then reads the one before it: the neighbour of a diverging adapter
+    ends with the weights and training loss of synchronous steps, and the diverging one fails by its own figures
+    (read a step late, its update having been left out on the device)."""
+    def pair():
+        engine = engine_for(base, slots=2)
+        subject = engine.add("subject", SUBJECT, rows["train"], rows["validation"])
+        wild = engine.add("wild", TrainingConfig(**{**NEIGHBOURS[0].__dict__, "learning_rate": 1e30}), rows["train"],
+                          rows["validation"])
+        return engine, subject, wild
+
+    at_once, subject, wild = pair()
+    train(at_once)
+    queued, _, _ = pair()
+    train_queued(queued)
+    assert queued.adapters[wild].failure and ("nan" in queued.adapters[wild].failure
+                                              or "inf" in queued.adapters[wild].failure), queued.adapters[wild].failure
+    assert queued.adapters[subject].failure is None and queued.adapters[subject].step == SUBJECT.max_steps
+    for name, weights in subject_weights(at_once, subject).items():
+        assert torch.allclose(subject_weights(queued, subject)[name], weights, atol=1e-6), name
+    assert queued.take_train_loss(subject) == pytest.approx(at_once.take_train_loss(subject), rel=1e-6)
+    assert math.isfinite(queued.evaluate(subject))
+
+
+def test_a_slot_whose_gradient_norm_is_not_finite_is_left_as_it_was():
+    from trainables.slot_optimizer import SlotAdamW
+
+    weights = torch.nn.Parameter(torch.ones(3, 4))
+    optimizer = SlotAdamW(weights, [weights])
+    weights.grad = torch.tensor([[1.0] * 4, [math.nan, 1.0, 1.0, 1.0], [math.inf] * 4])
+    optimizer.accumulated([0, 1, 2])
+    norms = optimizer.step([0, 1, 2], dict.fromkeys(range(3), 0.1), dict.fromkeys(range(3), 0.01))
+    assert math.isfinite(norms[0]) and not math.isfinite(norms[1]) and not math.isfinite(norms[2])
+    assert not torch.equal(weights[0].detach(), torch.ones(4))
+    assert torch.equal(weights[1:].detach(), torch.ones(2, 4))
+    assert torch.equal(optimizer.moment1[1:], torch.zeros(2, 4)) and torch.equal(optimizer.moment2[1:], torch.zeros(2, 4))
 
 
 def test_the_saved_adapter_is_a_peft_adapter_that_scores_as_the_engine_does(base, rows, tmp_path):
@@ -531,16 +577,23 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
     assert kernel_class("triton_poi_fused__to_copy_add_mul_silu_2") == "fused by Inductor (Triton)"
 
 
-def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows):
+def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows, monkeypatch):
+    import trainables.engine
+
     engine = engine_for(base, slots=3)
     slots = [engine.add(f"a{i}", config, rows["train"], rows["validation"])
              for i, config in enumerate([SUBJECT, NEIGHBOURS[0], NEIGHBOURS[2]])]
     for _ in range(3):
         engine.step()
+    assert engine.eval_rows_per_pass(rows["validation"], 1) >= len(rows["validation"])  # the tiny model: one pass
     together = engine.evaluate_many(slots)
     alone = {slot: engine.evaluate(slot) for slot in slots}
     assert together == pytest.approx(alone, rel=1e-5)
     assert len({round(loss, 6) for loss in together.values()}) == 3  # three different adapters, three losses
+    # A pass per evaluation batch (the memory budget allowing no more) gives the same losses.
+    monkeypatch.setattr(trainables.engine, "EVAL_PASS_BYTES", 1)
+    assert engine.eval_rows_per_pass(rows["validation"], 3) == 1
+    assert engine.evaluate_many(slots) == pytest.approx(together, rel=1e-5)
 
 
 def out_of_memory_above(engine: LoraEngine, examples_per_row: int) -> list[int]:

@@ -76,7 +76,7 @@ def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contain
     layers compiled by Inductor, and with the steps captured as CUDA graphs): the subject's losses beside three
     neighbours match its losses alone within bf16 noise (no dropout: CUDA masks come from the CUDA generator), and a
     neighbour whose learning rate blows up fails without touching it."""
-    from test_engine import NEIGHBOURS, SUBJECT, train
+    from test_engine import NEIGHBOURS, SUBJECT, train, train_queued
 
     from trainables.engine import LoraEngine
     from trainables.trial_spec import BaseModelSpec, TrainingConfig
@@ -98,6 +98,14 @@ def test_the_engine_on_cuda_trains_an_adapter_beside_others_as_alone_and_contain
     assert together.evaluate(slot) == pytest.approx(alone.evaluate(0), rel=2e-2)
     if options.get("cuda_graphs"):  # buckets met more than once were captured and replayed
         assert any(bucket.graph is not None for bucket in together.graphed.buckets.values())
+        # Steps queued ahead of their reading (as the engine actor runs them): the figures come back through pinned
+        # memory once the device gets there, and the same divergence fails alone.
+        queued = LoraEngine(base, slots=4, max_rank=16, **options)
+        for adapter in together.adapters.values():  # the same adapters in the same slots
+            queued.add(adapter.name, adapter.training, rows["train"], rows["validation"])
+        train_queued(queued)
+        assert queued.adapters[0].failure and queued.adapters[slot].failure is None
+        assert queued.evaluate(slot) == pytest.approx(together.evaluate(slot), rel=1e-2)
     from trainables.base_layers import FusedRMSNorm
 
     assert any(isinstance(module, FusedRMSNorm) for module in together.model.modules())  # norms fused on CUDA

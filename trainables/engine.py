@@ -25,8 +25,10 @@ from trainables.slot_optimizer import SlotAdamW, lr_multiplier
 from trainables.step_layout import Layout, flat_layout, row_length, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
-# Tokens of all adapters' rows in one evaluation pass: bf16 logits over a 49k vocabulary are ~1.6 GB at 16k.
-EVAL_TOKENS_PER_PASS = 16384
+# The memory one evaluation pass may take: without gradients it holds about one layer's activations and the logits
+# at the positions with a loss (LoraEngine.eval_rows_per_pass). Less than the estimate reserves for a training step's
+# activations and logits (trainables/memory_estimate.estimate_engine_memory), which are freed between steps.
+EVAL_PASS_BYTES = 4 * 2**30
 
 
 class EngineFull(RuntimeError):
@@ -104,6 +106,7 @@ class LoraEngine:
         self.adapters: dict[int, Adapter] = {}
         self.free = list(range(slots))
         self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
+        self.queued: list[_QueuedStep] = []  # steps whose losses and gradient norms are not read yet (settle)
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
         self.optimizer = SlotAdamW(weights, params)
         # CUDA graphs of the step over bucketed shapes (trainables/graphed_step.py); on CPU the same bucketed step
@@ -135,6 +138,7 @@ class LoraEngine:
 
     def remove(self, slot: int) -> None:
         """Free the slot (a finished, failed or stopped trial); its adapter is gone."""
+        self.settle()  # a queued step's figures belong to the adapter that ran it, not to the slot's next one
         self.adapters.pop(slot)
         for module in self.modules.values():
             module.set_slot(slot, 0, 0.0, None)
@@ -152,33 +156,63 @@ class LoraEngine:
         """One micro-batch of each given active slot through one forward and backward; adapters whose
         accumulation window is complete take their optimizer step. Returns each slot's micro-batch loss (its
         share of the window's loss, as the Trainer's step loss is), or inf for an adapter that failed now."""
+        self.queue_step(slots)
+        return self.settle()
+
+    def queue_step(self, slots: list[int] | None = None) -> None:
+        """step() without waiting for the device: the step's work is queued, its losses and gradient norms are read
+        by a later settle(). A loop that queues a step and then settles the one before keeps the device busy while
+        the CPU lays out the next batch (the step of a few small adapters is mostly that CPU work: BENCHMARKS.md).
+        Until then, an adapter whose loss or gradient norm is not finite counts as stepped: its optimizer update
+        was left out on the device (trainables/slot_optimizer.py), and settle() fails it."""
         active = self.active()
         slots = active if slots is None else [s for s in slots if s in active]
         if not slots:
-            return {}
+            return
         self.model.train()
         batches = {s: self._next_micro_batch(self.adapters[s]) for s in slots}
         losses = self._forward_backward(batches)
-        due = []
+        due, ran = [], {}
         for slot in slots:
             adapter = self.adapters[slot]
             adapter.micro_step += 1
-            if not math.isfinite(losses[slot]):
-                self.fail(slot, f"loss is {losses[slot]} at step {adapter.step + 1}")
-                continue
+            ran[slot] = adapter.step + 1
             if adapter.micro_step == adapter.training.gradient_accumulation_steps:
                 due.append(slot)
         lrs = {s: self._learning_rate(self.adapters[s]) for s in due}
         with torch.profiler.record_function("lorasweep: optimizer"):
             norms = self.optimizer.step(due, lrs, {s: self.adapters[s].training.weight_decay for s in due})
         for slot in due:
-            adapter = self.adapters[slot]
-            adapter.micro_step = 0
-            if not math.isfinite(norms[slot]):
-                self.fail(slot, f"gradient norm is {norms[slot]} at step {adapter.step + 1}")
-                losses[slot] = math.inf
-                continue
-            adapter.step += 1
+            self.adapters[slot].micro_step = 0
+            self.adapters[slot].step += 1
+        self.queued.append(_QueuedStep(ran, due, _to_host(losses), None if norms is None else _to_host(norms),
+                                       torch.cuda.Event() if losses.is_cuda else None))
+        if self.queued[-1].done is not None:
+            self.queued[-1].done.record()
+
+    def settle(self, leave: int = 0) -> dict[int, float]:
+        """Read the queued steps' losses and gradient norms, all but the last `leave` (waiting for the device where it
+        has not finished them): an adapter with a non-finite one fails. Returns the last settled step's losses, as
+        step() does."""
+        losses: dict[int, float] = {}
+        while len(self.queued) > leave:
+            queued = self.queued.pop(0)
+            if queued.done is not None:
+                queued.done.synchronize()
+            losses = dict(zip(queued.ran, queued.losses.tolist()))
+            norms = None if queued.norms is None else queued.norms.tolist()
+            for slot, step in queued.ran.items():
+                adapter = self.adapters[slot]
+                reason = None
+                if not math.isfinite(losses[slot]):
+                    reason = f"loss is {losses[slot]} at step {step}"
+                elif slot in queued.due and not math.isfinite(norms[slot]):
+                    reason, losses[slot] = f"gradient norm is {norms[slot]} at step {step}", math.inf
+                else:
+                    adapter.loss_sum += losses[slot]
+                    adapter.loss_steps += 1
+                if reason and adapter.failure is None:  # a later queued step may show the same adapter's failure
+                    self.fail(slot, reason)
         return losses
 
     def _learning_rate(self, adapter: Adapter) -> float:
@@ -235,49 +269,52 @@ class LoraEngine:
                       f"(the same effective batch)", flush=True)
         self.optimizer.take_back_gradients(earlier)
         for slot, examples in batches.items():
-            adapter = self.adapters[slot]
-            adapter.tokens_seen += row_length(examples)
-            if math.isfinite(losses[slot]):
-                adapter.loss_sum += losses[slot]
-                adapter.loss_steps += 1
-        self.optimizer.accumulated([slot for slot, loss in losses.items() if math.isfinite(loss)])
+            self.adapters[slot].tokens_seen += row_length(examples)
+        # Every slot's gradients now hold this micro-batch: one whose loss was not finite left it out of the backward
+        # and fails at settle(), which drops its gradients.
+        self.optimizer.accumulated(list(batches))
         return losses
 
-    def _pieces_forward_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
-        losses = dict.fromkeys(batches, 0.0)
+    def _pieces_forward_backward(self, batches: dict[int, list[dict]]) -> torch.Tensor:
+        """Each slot's loss, [len(batches)] in their order on the device, summed over the micro-batch's pieces."""
+        order = {slot: position for position, slot in enumerate(batches)}
+        losses = None
         for piece in range(self.pieces):
             part = {slot: rows[piece::self.pieces] for slot, rows in batches.items()}
             part = {slot: rows for slot, rows in part.items() if rows}
             if not part:
                 continue
             if self.graphed is not None:
-                for slot, loss in self.graphed.losses_and_backward(part).items():
-                    losses[slot] += loss
-                continue
-            with torch.profiler.record_function("lorasweep: batch layout"):
-                layout = flat_layout(part, self.model.device)
-            rates = [self.adapters[s].training.lora_dropout for s in part]
-            self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
-                             self.model.device, any(rates), self.compute_dtype, shared_dropout_rate(rates))
-            try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
-                for slot, loss in self._losses_and_backward(layout).items():
-                    losses[slot] += loss
-            finally:
-                self.routing.clear()
+                piece_losses = self.graphed.losses_and_backward(part)
+            else:
+                with torch.profiler.record_function("lorasweep: batch layout"):
+                    layout = flat_layout(part, self.model.device)
+                rates = [self.adapters[s].training.lora_dropout for s in part]
+                self.routing.set(list(part), [(self.adapters[s].training.seed, self._micro_index(s)) for s in part],
+                                 self.model.device, any(rates), self.compute_dtype, shared_dropout_rate(rates))
+                try:  # the routing stays set through backward: gradient checkpointing runs the forward again there
+                    piece_losses = self._losses_and_backward(layout)
+                finally:
+                    self.routing.clear()
+            if losses is None:
+                losses = torch.zeros(len(batches), device=piece_losses.device, dtype=piece_losses.dtype)
+            # Added at once, in the stream's order: a graph's losses are a view of its output buffer, which the next
+            # replay overwrites.
+            losses.index_add_(0, torch.tensor([order[slot] for slot in part], device=losses.device), piece_losses)
         return losses
 
-    def _losses_and_backward(self, layout: Layout) -> dict[int, float]:
-        slots = [slot for slot, _, _ in layout.segments if slot >= 0]  # one row each, in the layout's order
+    def _losses_and_backward(self, layout: Layout) -> torch.Tensor:
+        """The layout's slots' losses (one row each, in the layout's order), their backward queued."""
+        slots = [slot for slot, _, _ in layout.segments if slot >= 0]
         # The record_function labels name the step's phases in a profile (sweeps/engine_benchmark.py); free otherwise.
         with torch.profiler.record_function("lorasweep: forward and loss"):
             sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
             divisors = torch.tensor([self.adapters[slot].loss_divisor for slot in slots], device=sums.device)
             losses = sums / divisors
-        # A non-finite loss is left out of the backward (its adapter fails); the values are read after the backward
-        # is queued, so the forward's kernels need not finish before the backward's are launched.
+        # A non-finite loss is left out of the backward (its adapter fails at settle()).
         with torch.profiler.record_function("lorasweep: backward"):
             losses.masked_fill(~torch.isfinite(losses.detach()), 0.0).sum().backward()
-        return dict(zip(slots, losses.detach().tolist()))
+        return losses.detach()
 
     def _micro_index(self, slot: int) -> int:
         adapter = self.adapters[slot]
@@ -314,6 +351,7 @@ class LoraEngine:
     def evaluate_many(self, slots: list[int]) -> dict[int, float]:
         """evaluate() for several adapters at once: one forward per evaluation batch for all of them, each adapter's
         batch in its own row (adapters reaching an evaluation together, as a study's do, share the passes)."""
+        self.settle()
         self.model.eval()
         groups: dict[tuple[int, int], list[int]] = {}
         for slot in slots:  # adapters with the same evaluation rows and batch size go through together
@@ -323,11 +361,10 @@ class LoraEngine:
         count = {slot: 0 for slot in slots}
         for (_, size), group in groups.items():
             rows = self.adapters[group[0]].eval_rows
-            # Rows per pass: as many as fit a token budget (packed rows have no padding, and without gradients the
-            # logits are the memory), at least the configured batch: batches of 32 short rows made evaluation a
-            # quarter of the engine's time in an 8B sweep (BENCHMARKS.md).
-            mean_tokens = max(1, row_length(rows) // max(1, len(rows)))
-            size = max(size, EVAL_TOKENS_PER_PASS // (mean_tokens * len(group)))
+            # Rows per pass: as many as fit the memory budget, at least the configured batch. Each pass runs the
+            # layers eagerly, its launches a fixed cost: batches of 32 short rows made evaluation a quarter of the
+            # engine's time in an 8B sweep, and passes of 16k tokens 7 of a SmolLM2 study's 40 s (BENCHMARKS.md).
+            size = max(size, self.eval_rows_per_pass(rows, len(group)))
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
                 layout = flat_layout({slot: batch for slot in group}, self.model.device)
@@ -343,8 +380,22 @@ class LoraEngine:
                     count[slot] += targets
         return {slot: nll[slot] / count[slot] if count[slot] else math.nan for slot in slots}
 
+    def eval_rows_per_pass(self, rows: list[dict], adapters: int) -> int:
+        """How many of `rows` each of `adapters` adapters can put through one evaluation pass in EVAL_PASS_BYTES: per
+        token about one layer's activations in bf16 (the fp32 residual, norm, attention's projections, the MLP's),
+        and the logits where a completion token is predicted (bf16, their fp32 upcast and the loss's log-softmax;
+        at every position where the model computes the head over all of them)."""
+        text = self.model.config.get_text_config()
+        hidden = text.hidden_size
+        intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+        tokens = max(1, row_length(rows))
+        with_logits = sum(target_count(row) for row in rows) / tokens if self.head_alone else 1.0
+        per_token = 14 * hidden + 8 * intermediate + with_logits * 10 * text.vocab_size
+        return max(1, int(EVAL_PASS_BYTES / (per_token * tokens / max(1, len(rows)) * adapters)))
+
     def take_train_loss(self, slot: int) -> float:
         """The mean training loss since the last call (what the Trainer logs per logging window)."""
+        self.settle()
         adapter = self.adapters[slot]
         # A micro-batch's loss is its share of its window's loss: a step's loss is the sum over its window.
         mean = (adapter.loss_sum * adapter.training.gradient_accumulation_steps / adapter.loss_steps
@@ -359,6 +410,7 @@ class LoraEngine:
         while the copy is queued; the wait for it and the writing happen outside (Snapshot.write)."""
         from peft import LoraConfig
 
+        self.settle()
         adapter = self.adapters[slot]
         if adapter.micro_step:
             raise RuntimeError("a checkpoint is taken between optimizer steps, not inside an accumulation window")
@@ -430,6 +482,25 @@ def compile_decoder_layers(model, backend: str, gradient_checkpointing: bool) ->
     print(f"[lorasweep] engine: {len(layers)} decoder layers compiled with torch.compile ({backend}); the first "
           f"steps take longer while it compiles", flush=True)
     return len(layers)
+
+
+@dataclass
+class _QueuedStep:
+    """A step queued on the device whose figures the CPU has not read yet (LoraEngine.queue_step, settle)."""
+
+    ran: dict[int, int]  # slot -> the optimizer step its micro-batch belongs to (1-based), in the step's order
+    due: list[int]  # slots that took their optimizer step
+    losses: torch.Tensor  # [len(ran)] on the host, written when `done` has passed
+    norms: torch.Tensor | None  # [slots]: every slot's gradient norm, None when no slot was due
+    done: "torch.cuda.Event | None"
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """A copy on the host that the device writes when it gets there (pinned memory: the copy does not wait)."""
+    if not values.is_cuda:
+        return values.clone()
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
 
 
 @dataclass

@@ -179,22 +179,29 @@ class EngineServer:
         while True:
             with self.condition:  # the loop's own turn
                 waited = time.time()
+                if not self._pending():
+                    self.engine.settle()  # nothing left in flight while the engine waits
                 while not self._pending():
                     self.condition.wait()
                 self.idle_seconds += time.time() - waited
                 pending = self._pending()
                 began = time.time()
                 try:
-                    self.engine.step(pending)
+                    # The step is queued and the one before it read: the device works on this step while the next
+                    # one is laid out (LoraEngine.queue_step).
+                    self.engine.queue_step(pending)
+                    self.engine.settle(leave=1)
                 except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
                     for slot in pending:
                         self.engine.fail(slot, f"{type(err).__name__}: {err}")
                 self.train_seconds += time.time() - began
                 self.steps_run += 1
                 self.adapter_steps += len(pending)
-                arrived = [slot for slot in pending if self.engine.adapters[slot].failure
-                           or self.engine.adapters[slot].step >= self.schedule[slot][0]]
+                arrived = self._arrived()
                 began = time.time()
+                if arrived:  # evaluations read the adapters as this step left them, failures included
+                    self.engine.settle()
+                    arrived = self._arrived()
                 for slot, result in self._results(arrived).items():
                     self.results[slot].append(result)
                     self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
@@ -222,6 +229,12 @@ class EngineServer:
         active = set(self.engine.active())
         return [slot for slot, steps in sorted(self.schedule.items())
                 if steps and slot in active and not self.results[slot]]
+
+    def _arrived(self) -> list[int]:
+        """Adapters at their next evaluation, or failed, whose trial has not been told yet."""
+        adapters = self.engine.adapters
+        return [slot for slot, steps in sorted(self.schedule.items()) if steps and not self.results[slot]
+                and (adapters[slot].failure or adapters[slot].step >= steps[0])]
 
     def _results(self, slots: list[int]) -> dict[int, dict]:
         """The evaluation of every adapter that reached its target in this step, in shared forward passes."""

@@ -81,8 +81,9 @@ class GraphedSteps:
         self.losses_out = torch.zeros(self.slots, device=weights.device) if self.capture else None
         self.grads_out = torch.zeros_like(weights) if self.capture else None
 
-    def losses_and_backward(self, batches: dict[int, list[dict]]) -> dict[int, float]:
-        """Each slot's loss for its micro-batch, with its gradient added to the engine's weight gradients, as
+    def losses_and_backward(self, batches: dict[int, list[dict]]) -> torch.Tensor:
+        """Each slot's loss for its micro-batch ([len(batches)] in their order, on the device; a view of the graphs'
+        output, which the next replay overwrites), with its gradient added to the engine's weight gradients, as
         LoraEngine._losses_and_backward does eagerly."""
         engine = self.engine
         slots = list(batches)
@@ -130,7 +131,7 @@ class GraphedSteps:
             weights.grad = torch.zeros_like(weights)
         # Filler rows add their gradient of 0 to the first slot's.
         weights.grad.index_add_(0, bucket.buffers.index, grads)
-        return dict(zip(slots, losses[:len(slots)].tolist()))
+        return losses[:len(slots)]
 
     def bucket_for(self, rows: int, row_lengths: list[int], targets: int, examples: int, longest_example: int,
                    dropout: tuple) -> tuple:

@@ -68,19 +68,17 @@ class SlotAdamW:
         return torch.linalg.vector_norm(self.weights.grad, dim=1)
 
     @torch.no_grad()
-    def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> dict[int, float]:
-        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns each due
-        slot's gradient norm before clipping (non-finite: the caller fails that slot; it is not updated)."""
+    def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> torch.Tensor | None:
+        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns every
+        slot's gradient norm before clipping, [S] on the device (None when no slot is due), without reading it: a due
+        slot whose norm is not finite is left as it was on the device (the caller fails it when it reads the norms),
+        so the step need not wait for its kernels before the next one is queued."""
         if not due or self.weights.grad is None:
-            return {slot: 0.0 for slot in due}
+            return None
         norms = self.grad_norms()
-        values = norms.tolist()
-        reported = {slot: values[slot] for slot in due}
-        finite = [slot for slot in due if math.isfinite(reported[slot])]
-        if finite:
-            self._update(finite, norms, lrs, weight_decay)
-        self.zero_grad(list(reported))
-        return reported
+        self._update(due, norms, lrs, weight_decay)
+        self.zero_grad(due)
+        return norms
 
     def _update(self, due: list[int], norms: torch.Tensor, lrs: dict[int, float], weight_decay: dict[int, float]):
         beta1, beta2 = BETAS
@@ -96,8 +94,11 @@ class SlotAdamW:
             keep[slot] = 1 - lr * weight_decay[slot]
         w1, w2, size, bias2, decay = (torch.tensor(v, device=self.weights.device, dtype=torch.float32).view(-1, 1)
                                       for v in (moment1, moment2, step_size, bias2_sqrt, keep))
+        # A slot whose norm is not finite: weights 0 and a zero gradient (a weight of 0 alone keeps a NaN: 0 * NaN).
+        finite = torch.isfinite(norms).view(-1, 1)
+        w1, w2, size, decay = w1 * finite, w2 * finite, size * finite, torch.where(finite, decay, 1.0)
         clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1)
-        grads = self.weights.grad * clip
+        grads = torch.where(finite, self.weights.grad * clip, 0.0)
         self.moment1.lerp_(grads, w1)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
         self.moment2.lerp_(grads.mul_(grads), w2)
         update = self.moment1 / self.moment2.sqrt().div_(bias2).add_(EPS)

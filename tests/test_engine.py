@@ -203,7 +203,7 @@ def test_a_slot_whose_gradient_norm_is_not_finite_is_left_as_it_was():
     optimizer = SlotAdamW(weights, [weights])
     weights.grad = torch.tensor([[1.0] * 4, [math.nan, 1.0, 1.0, 1.0], [math.inf] * 4])
     optimizer.accumulated([0, 1, 2])
-    norms = optimizer.step([0, 1, 2], dict.fromkeys(range(3), 0.1), dict.fromkeys(range(3), 0.01))
+    norms = optimizer.step([0, 1, 2], dict.fromkeys(range(3), 0.1), dict.fromkeys(range(3), 0.01)).tolist()
     assert math.isfinite(norms[0]) and not math.isfinite(norms[1]) and not math.isfinite(norms[2])
     assert not torch.equal(weights[0].detach(), torch.ones(4))
     assert torch.equal(weights[1:].detach(), torch.ones(2, 4))

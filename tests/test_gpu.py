@@ -139,8 +139,10 @@ def test_packed_attention_on_cuda_gives_the_reference_and_keeps_a_nan_in_its_exa
     poisoned = v.clone()
     poisoned[0, :, 7] = float("nan")  # row 0, position 7: the second example (positions 5-29)
     out, _ = attend("cuda", torch.float32, values=poisoned)
-    nan_positions = torch.isnan(out).any(-1).any(-1).flatten().nonzero().flatten()
-    assert nan_positions.tolist() == list(range(7, 30))
+    nan_positions = set(torch.isnan(out).any(-1).any(-1).flatten().nonzero().flatten().tolist())
+    # Its example's later positions see it; its earlier ones may too (the kernel multiplies the masked-out scores'
+    # 0 by the values: 0 * NaN, seen on the H200), but no position outside the example.
+    assert set(range(7, 30)) <= nan_positions <= set(range(5, 30)), sorted(nan_positions)
 
 
 def test_a_dequantized_linear_writes_fp32_as_its_matmul_and_a_cast_would():

@@ -200,7 +200,7 @@ class LoraEngine:
             if queued.done is not None:
                 queued.done.synchronize()
             losses = dict(zip(queued.ran, queued.losses.tolist()))
-            norms = None if queued.norms is None else queued.norms.tolist()
+            norms = {} if queued.norms is None else dict(zip(queued.due, queued.norms.tolist()))
             for slot, step in queued.ran.items():
                 adapter = self.adapters[slot]
                 reason = None
@@ -491,7 +491,7 @@ class _QueuedStep:
     ran: dict[int, int]  # slot -> the optimizer step its micro-batch belongs to (1-based), in the step's order
     due: list[int]  # slots that took their optimizer step
     losses: torch.Tensor  # [len(ran)] on the host, written when `done` has passed
-    norms: torch.Tensor | None  # [slots]: every slot's gradient norm, None when no slot was due
+    norms: torch.Tensor | None  # [len(due)]: the due slots' gradient norms, None when no slot was due
     done: "torch.cuda.Event | None"
 
 

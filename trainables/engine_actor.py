@@ -32,6 +32,8 @@ from trainables.trial_spec import TRIAL_STATE_FILE, BaseModelSpec, TrainingConfi
 
 ENGINE_NAME = "lorasweep-engine-{index}"
 ENGINE_NAMESPACE = "lorasweep"
+# Adapters at an evaluation wait for any adapter this many steps or fewer from its own (EngineServer._gathering).
+GATHER_STEPS = 8
 
 
 class EngineServer:
@@ -56,6 +58,8 @@ class EngineServer:
         self.snapshots: dict[int, dict] = {}  # slot -> {step: Snapshot} of evaluations taken, not yet written
         self.train_seconds = 0.0  # inside engine steps
         self.eval_seconds = 0.0  # inside evaluations
+        self.evaluations_run = 0  # evaluations, each of the adapters at theirs together (_gathering)
+        self.adapter_evaluations = 0
         self.idle_seconds = 0.0  # no adapter had a pending request
         self.steps_run = 0
         self.adapter_steps = 0  # micro-batches over all engine steps: adapter_steps / steps_run adapters per step
@@ -167,6 +171,7 @@ class EngineServer:
             graphed = self.engine.graphed if self.engine.graphed is not None and self.engine.graphed.capture else None
             return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
+                    "engine_evaluations": self.evaluations_run, "engine_adapter_evaluations": self.adapter_evaluations,
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
                     "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
                     "engine_uptime_s": round(time.time() - self.started_at, 1),
@@ -179,29 +184,33 @@ class EngineServer:
         while True:
             with self.condition:  # the loop's own turn
                 waited = time.time()
-                if not self._pending():
+                while not self._pending() and not self._arrived():
                     self.engine.settle()  # nothing left in flight while the engine waits
-                while not self._pending():
                     self.condition.wait()
                 self.idle_seconds += time.time() - waited
                 pending = self._pending()
-                began = time.time()
-                try:
-                    # The step is queued and the one before it read: the device works on this step while the next
-                    # one is laid out (LoraEngine.queue_step).
-                    self.engine.queue_step(pending)
-                    self.engine.settle(leave=1)
-                except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
-                    for slot in pending:
-                        self.engine.fail(slot, f"{type(err).__name__}: {err}")
-                self.train_seconds += time.time() - began
-                self.steps_run += 1
-                self.adapter_steps += len(pending)
+                if pending:
+                    began = time.time()
+                    try:
+                        # The step is queued and the one before it read: the device works on this step while the
+                        # next one is laid out (LoraEngine.queue_step).
+                        self.engine.queue_step(pending)
+                        self.engine.settle(leave=1)
+                    except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
+                        for slot in pending:
+                            self.engine.fail(slot, f"{type(err).__name__}: {err}")
+                    self.train_seconds += time.time() - began
+                    self.steps_run += 1
+                    self.adapter_steps += len(pending)
                 arrived = self._arrived()
+                if arrived and self._gathering():
+                    arrived = []
                 began = time.time()
                 if arrived:  # evaluations read the adapters as this step left them, failures included
                     self.engine.settle()
                     arrived = self._arrived()
+                    self.evaluations_run += 1
+                    self.adapter_evaluations += len(arrived)
                 for slot, result in self._results(arrived).items():
                     self.results[slot].append(result)
                     self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
@@ -225,16 +234,27 @@ class EngineServer:
         print(progress_line(self.figures()), flush=True)
 
     def _pending(self) -> list[int]:
-        """Adapters with an evaluation ahead and no evaluation waiting for their trial (at most one ahead)."""
+        """Adapters with an evaluation ahead, not at it yet, and no evaluation waiting for their trial (at most one
+        ahead)."""
         active = set(self.engine.active())
+        adapters = self.engine.adapters
         return [slot for slot, steps in sorted(self.schedule.items())
-                if steps and slot in active and not self.results[slot]]
+                if steps and slot in active and not self.results[slot] and adapters[slot].step < steps[0]]
 
     def _arrived(self) -> list[int]:
         """Adapters at their next evaluation, or failed, whose trial has not been told yet."""
         adapters = self.engine.adapters
         return [slot for slot, steps in sorted(self.schedule.items()) if steps and not self.results[slot]
                 and (adapters[slot].failure or adapters[slot].step >= steps[0])]
+
+    def _gathering(self) -> bool:
+        """Whether adapters at their evaluation wait for others: while an adapter still stepping is at most
+        GATHER_STEPS from its own. An evaluation pass costs about the same for one adapter as for sixteen (its
+        launches), and trials that registered a few steps apart reached each evaluation apart: a SmolLM2 study on
+        the H200 spent 5 of its 38 s evaluating (BENCHMARKS.md). Waiting costs the waiting adapters a few steps
+        once; evaluated together, they then step and reach their later evaluations together."""
+        adapters = self.engine.adapters
+        return any(self.schedule[slot][0] - adapters[slot].step <= GATHER_STEPS for slot in self._pending())
 
     def _results(self, slots: list[int]) -> dict[int, dict]:
         """The evaluation of every adapter that reached its target in this step, in shared forward passes."""
@@ -259,7 +279,8 @@ def progress_line(figures: dict) -> str:
     f = figures
     return (f"[lorasweep] engine: {f['engine_steps']} steps, {f['engine_adapters_per_step']} adapters per step, "
             f"{f['engine_step_ms']} ms per step; of {f['engine_uptime_s']:.0f} s since its base was loaded: "
-            f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating, "
+            f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating "
+            f"({f['engine_evaluations']} evaluations of {f['engine_adapter_evaluations']} adapters), "
             f"{f['engine_idle_seconds']:.0f} s waiting for requests"
             + (f"; CUDA graphs of {f['engine_graph_shapes']} step shapes, {f['engine_capture_seconds']:.0f} s of the "
                f"stepping in their first steps and captures" if f.get("engine_graph_shapes") else ""))

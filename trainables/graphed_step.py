@@ -71,7 +71,8 @@ class GraphedSteps:
         self.engine = engine
         self.capture = engine.model.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.warm_up_stream = torch.cuda.Stream() if self.capture else None  # every bucket's first, eager step
+        # Every bucket's first, eager step and its capture run on this stream (as torch.cuda.graph captures on one).
+        self.side_stream = torch.cuda.Stream() if self.capture else None
         self.buckets: dict[tuple, _Bucket] = {}
         self.capture_seconds = 0.0  # in buckets' first steps and captures: what the graphs cost beyond their replays
         # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
@@ -107,7 +108,7 @@ class GraphedSteps:
         if not self.capture:
             losses, grads = self._losses_and_grads(bucket.buffers, dropout)
         elif fresh:  # the first step of a bucket runs eagerly on a side stream, as capture needs
-            side = self.warm_up_stream
+            side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 losses, grads = self._losses_and_grads(bucket.buffers, dropout)
@@ -115,13 +116,7 @@ class GraphedSteps:
             self.capture_seconds += time.time() - began
         else:
             if bucket.graph is None:
-                bucket.graph = torch.cuda.CUDAGraph()
-                # Thread-local error mode: a CUDA call of another of the engine actor's threads during a capture is
-                # no error of the capture (the engine's own CUDA work happens under its lock, as this step does).
-                with torch.cuda.graph(bucket.graph, pool=self.pool, capture_error_mode="thread_local"):
-                    losses, grads = self._losses_and_grads(bucket.buffers, dropout)
-                    self.losses_out[:rows].copy_(losses)
-                    self.grads_out[:rows].copy_(grads)
+                bucket.graph = self._capture(bucket.buffers, dropout, rows)
                 self.capture_seconds += time.time() - began
             with torch.profiler.record_function("lorasweep: graph replay"):
                 bucket.graph.replay()
@@ -132,6 +127,28 @@ class GraphedSteps:
         # Filler rows add their gradient of 0 to the first slot's.
         weights.grad.index_add_(0, bucket.buffers.index, grads)
         return losses[:len(slots)]
+
+    def _capture(self, buffers: _Buffers, dropout: tuple, rows: int) -> "torch.cuda.CUDAGraph":
+        """The bucket's step captured, writing its losses and gradients to the graphs' output buffers. As
+        torch.cuda.graph captures, but without its device-wide synchronize, empty_cache and emptying of the pinned
+        host memory cache: those stall the step queued before (LoraEngine.queue_step), and hand the memory of the
+        eager work (evaluations, snapshots' pinned buffers) back to the driver, to be allocated again after every
+        capture. The graphs' pool is private: a capture needs no free memory of the rest."""
+        graph = torch.cuda.CUDAGraph()
+        side = self.side_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # Thread-local error mode: a CUDA call of another of the engine actor's threads during a capture is no
+            # error of the capture (the engine's own CUDA work happens under its lock, as this step does).
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                losses, grads = self._losses_and_grads(buffers, dropout)
+                self.losses_out[:rows].copy_(losses)
+                self.grads_out[:rows].copy_(grads)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        return graph
 
     def bucket_for(self, rows: int, row_lengths: list[int], targets: int, examples: int, longest_example: int,
                    dropout: tuple) -> tuple:

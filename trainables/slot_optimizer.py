@@ -1,9 +1,9 @@
 """AdamW over stacked LoRA slots: every adapter keeps its own learning rate and schedule, weight decay, step count
-(bias correction), gradient clipping and failure, while one update serves all the slots that are due. torch's
-AdamW would need one parameter group, and so one leaf tensor, per adapter and module (../shared/research/
-multi-lora.md, section 4); here a slot is a row of one slot-major tensor of every module's weights, and the
-per-slot settings are vectors broadcast over it. The update is the one torch.optim.AdamW (decoupled weight decay) and the Trainer's
-clip_grad_norm_ do, checked against them in tests/test_engine.py."""
+(bias correction), gradient clipping and failure. torch's AdamW would need one parameter group, and so one leaf
+tensor, per adapter and module (../shared/research/multi-lora.md, section 4); here a slot is a row of one slot-major
+tensor of every module's weights, updated by PyTorch's fused AdamW kernel with that slot's settings. The update is the
+one torch.optim.AdamW (decoupled weight decay) and the Trainer's clip_grad_norm_ do, checked against them in
+tests/test_engine.py."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ class SlotAdamW:
     and exp_avg_sq of the same shape (with the same per-parameter views, for checkpoints) and each slot's step
     count; the gradient is the leaf's own.
 
-    One update is a few whole-tensor kernels with per-slot factors broadcast over the slot dimension (a slot that
-    is not due gets weight 0, so its moments and weights stay as they are): the number of kernel launches per step
-    depends on neither the number of slots, nor their mix, nor the number of modules, and no slot is gathered or
+    One update is a norm kernel over the due slots' rows and PyTorch's fused AdamW kernel on each due slot's row (a
+    row is contiguous: every module's A and B of that slot): the kernels per step depend on neither the mix of
+    ranks and targets nor the number of modules, slots that are not due are not read, and no slot is gathered or
     scattered."""
 
     def __init__(self, weights: torch.nn.Parameter, params: list[torch.Tensor]):
@@ -63,47 +63,35 @@ class SlotAdamW:
             self.moment2[slot].zero_()
         self.steps[slot] = 0
 
-    def grad_norms(self) -> torch.Tensor:
-        """Each slot's gradient norm over all its parameters, [S]."""
-        return torch.linalg.vector_norm(self.weights.grad, dim=1)
-
     @torch.no_grad()
     def step(self, due: list[int], lrs: dict[int, float], weight_decay: dict[int, float]) -> torch.Tensor | None:
-        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns every
-        slot's gradient norm before clipping, [S] on the device (None when no slot is due), without reading it: a due
-        slot whose norm is not finite is left as it was on the device (the caller fails it when it reads the norms),
+        """Clip (per slot, to MAX_GRAD_NORM) and update the `due` slots, then zero their gradients. Returns their
+        gradient norms before clipping, [len(due)] in `due`'s order on the device (None when none is due), without
+        reading them: a slot whose norm is not finite is left as it was (the caller fails it when it reads the norms),
         so the step need not wait for its kernels before the next one is queued."""
         if not due or self.weights.grad is None:
             return None
-        norms = self.grad_norms()
-        self._update(due, norms, lrs, weight_decay)
-        self.zero_grad(due)
-        return norms
-
-    def _update(self, due: list[int], norms: torch.Tensor, lrs: dict[int, float], weight_decay: dict[int, float]):
-        beta1, beta2 = BETAS
-        slots = len(self.steps)
-        moment1, moment2, step_size, bias2_sqrt, keep = [0.0] * slots, [0.0] * slots, [0.0] * slots, [1.0] * slots, \
-            [1.0] * slots
+        grads = [self.weights.grad[slot] for slot in due]
+        norms = torch.stack(torch._foreach_norm(grads))
+        # clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), as the fused kernel's gradient scale (which it
+        # divides by); its found_inf flag skips a slot whose norm is not finite.
+        scales = norms.add(1e-6).div_(MAX_GRAD_NORM).clamp_(min=1.0)
+        skipped = torch.isfinite(norms).logical_not_().float()
         for slot in due:
             self.steps[slot] += 1
-            step, lr = self.steps[slot], lrs[slot]
-            moment1[slot], moment2[slot] = 1 - beta1, 1 - beta2
-            step_size[slot] = lr / (1 - beta1 ** step)
-            bias2_sqrt[slot] = math.sqrt(1 - beta2 ** step)
-            keep[slot] = 1 - lr * weight_decay[slot]
-        w1, w2, size, bias2, decay = (torch.tensor(v, device=self.weights.device, dtype=torch.float32).view(-1, 1)
-                                      for v in (moment1, moment2, step_size, bias2_sqrt, keep))
-        # A slot whose norm is not finite: weights 0 and a zero gradient (a weight of 0 alone keeps a NaN: 0 * NaN).
-        finite = torch.isfinite(norms).view(-1, 1)
-        w1, w2, size, decay = w1 * finite, w2 * finite, size * finite, torch.where(finite, decay, 1.0)
-        clip = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0).view(-1, 1)
-        grads = torch.where(finite, self.weights.grad * clip, 0.0)
-        self.moment1.lerp_(grads, w1)  # AdamW's exp_avg.lerp_(grad, 1 - beta1); weight 0: unchanged
-        self.moment2.lerp_(grads.mul_(grads), w2)
-        update = self.moment1 / self.moment2.sqrt().div_(bias2).add_(EPS)
-        self.weights.mul_(decay)  # decoupled weight decay, as torch.optim.AdamW
-        self.weights.sub_(update.mul_(size))
+        counts = torch.tensor([float(self.steps[slot]) for slot in due]).to(self.weights.device, non_blocking=True)
+        # PyTorch's fused AdamW (what torch.optim.AdamW(fused=True) runs), one slot's row per call for the slot's own
+        # learning rate, weight decay and step: one pass over the row's weights, gradient and moments, where the
+        # update written out of whole-tensor operations took ~15 passes over every slot, due or not (~10 of a
+        # 124 ms step for 16 SmolLM2-shaped adapters on the H200, BENCHMARKS.md).
+        beta1, beta2 = BETAS
+        for index, slot in enumerate(due):
+            torch._fused_adamw_([self.weights[slot]], [grads[index]], [self.moment1[slot]], [self.moment2[slot]], [],
+                                [counts[index]], amsgrad=False, lr=lrs[slot], beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay[slot], eps=EPS, maximize=False,
+                                grad_scale=scales[index], found_inf=skipped[index])
+        self.zero_grad(due)
+        return norms
 
     def accumulated(self, slots: list[int]) -> None:
         """The slots whose micro-batches a backward pass just added to the gradients."""

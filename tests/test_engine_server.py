@@ -1,0 +1,41 @@
+"""The engine actor's stepping loop (trainables/engine_actor.EngineServer), in-process without Ray: trials that reach
+their evaluations a few steps apart are evaluated together, each at its own step, with what it would get alone."""
+
+import dataclasses
+import math
+
+import pytest
+
+from test_engine import SUBJECT
+from test_trial_training import tokenized_rows
+from trainables.engine import LoraEngine
+from trainables.engine_actor import GATHER_STEPS, EngineServer
+from trainables.trial_spec import BaseModelSpec
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_model_dir, tiny_data_dir):
+    return tokenized_rows(tiny_model_dir, tiny_data_dir)
+
+
+def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(tiny_model_dir, rows):
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
+    server = EngineServer(base, slots=2, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
+                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
+                          eval_rows=rows["validation"])
+    early = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=4, seed=1)
+    late = dataclasses.replace(early, max_steps=4 + GATHER_STEPS // 2, seed=2)
+    server.register("early", early, None, [early.max_steps])
+    server.register("late", late, None, [late.max_steps])
+    first, second = server.next_result("early"), server.next_result("late")
+    assert (first["step"], second["step"]) == (early.max_steps, late.max_steps)
+    assert math.isfinite(first["eval_loss"]) and math.isfinite(second["eval_loss"])
+    figures = server.figures()
+    assert (figures["engine_evaluations"], figures["engine_adapter_evaluations"]) == (1, 2)
+
+    # The early adapter waited for the late one at its own step: its loss is the one it has trained alone.
+    alone = LoraEngine(base, slots=1, max_rank=16)
+    slot = alone.add("early", early, rows["train"], rows["validation"])
+    while alone.active():
+        alone.step()
+    assert first["eval_loss"] == pytest.approx(alone.evaluate(slot), rel=1e-4)

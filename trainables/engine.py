@@ -22,7 +22,7 @@ from trainables.lora_presets import TARGET_MODULE_PRESETS
 from trainables.multi_lora import kaiming_a, shared_dropout_rate, wrap_linear_layers
 from trainables.packed_attention import use_packed_attention
 from trainables.slot_optimizer import SlotAdamW, lr_multiplier
-from trainables.step_layout import Layout, flat_layout, row_length, target_count
+from trainables.step_layout import Layout, flat_layout, row_length, target_count, to_device
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
 # The memory one evaluation pass may take: without gradients it holds about one layer's activations and the logits
@@ -300,7 +300,7 @@ class LoraEngine:
                 losses = torch.zeros(len(batches), device=piece_losses.device, dtype=piece_losses.dtype)
             # Added at once, in the stream's order: a graph's losses are a view of its output buffer, which the next
             # replay overwrites.
-            losses.index_add_(0, torch.tensor([order[slot] for slot in part], device=losses.device), piece_losses)
+            losses.index_add_(0, to_device([order[slot] for slot in part], losses.device), piece_losses)
         return losses
 
     def _losses_and_backward(self, layout: Layout) -> torch.Tensor:
@@ -309,7 +309,7 @@ class LoraEngine:
         # The record_function labels name the step's phases in a profile (sweeps/engine_benchmark.py); free otherwise.
         with torch.profiler.record_function("lorasweep: forward and loss"):
             sums = self._token_losses(layout).view(len(slots), -1).sum(dim=1)  # a row's padding has no targets
-            divisors = torch.tensor([self.adapters[slot].loss_divisor for slot in slots], device=sums.device)
+            divisors = to_device([self.adapters[slot].loss_divisor for slot in slots], sums.device)
             losses = sums / divisors
         # A non-finite loss is left out of the backward (its adapter fails at settle()).
         with torch.profiler.record_function("lorasweep: backward"):

@@ -204,7 +204,8 @@ class GraphedSteps:
                                (buffers.kept_targets, targets), (buffers.sequence_starts, starts),
                                (buffers.index, index), (buffers.live, live),
                                (buffers.divisors, divisors)):
-            buffer.copy_(values, non_blocking=True)
+            # Through pinned memory (step_layout.to_device): from pageable memory the copy may wait for the device.
+            buffer.copy_(values.pin_memory() if buffer.is_cuda else values, non_blocking=True)
 
     def _losses_and_grads(self, buffers: _Buffers, dropout: tuple[bool, float | None]) \
             -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainables.base_layers import DequantizedLinear
+from trainables.step_layout import to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -61,7 +62,7 @@ class Routing:
         module and step that left no kernels of its own to launch, forward or backward (the split's backward is one
         concatenation): a small model's step is bound by launches."""
         self.dropout_keys = dropout_keys
-        index = torch.tensor(slots, device=device)
+        index = to_device(slots, device)
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots))
         weights = self.weights[rows] if consecutive else self.weights.index_select(0, index)

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from trainables.step_layout import to_device
+
 # transformers' Trainer defaults, which the per-process path trains with (TrainingArguments).
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -79,7 +81,7 @@ class SlotAdamW:
         skipped = torch.isfinite(norms).logical_not_().float()
         for slot in due:
             self.steps[slot] += 1
-        counts = torch.tensor([float(self.steps[slot]) for slot in due]).to(self.weights.device, non_blocking=True)
+        counts = to_device([float(self.steps[slot]) for slot in due], self.weights.device)
         # PyTorch's fused AdamW (what torch.optim.AdamW(fused=True) runs), one slot's row per call for the slot's own
         # learning rate, weight decay and step: one pass over the row's weights, gradient and moments, where the
         # update written out of whole-tensor operations took ~15 passes over every slot, due or not (~10 of a

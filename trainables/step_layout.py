@@ -78,9 +78,20 @@ def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, w
     flat_targets = targets.reshape(-1)
     kept = np.flatnonzero(flat_targets != -100)
     sequence_starts = np.concatenate(starts_of_sequences + [[flat_targets.size]]).astype(np.int32)
-    return Layout(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device),
-                  torch.from_numpy(kept).to(device), torch.from_numpy(flat_targets[kept]).to(device),
-                  flat_targets.size, segments, torch.from_numpy(sequence_starts).to(device), bound)
+    return Layout(to_device(ids, device), to_device(positions, device), to_device(kept, device),
+                  to_device(flat_targets[kept], device), flat_targets.size, segments, to_device(sequence_starts, device),
+                  bound)
+
+
+def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` (a list, numpy array or CPU tensor) as a tensor on `device`, the host not waiting for the device. A
+    blocking copy to CUDA waits for everything queued before it: one index tensor made with torch.tensor(...,
+    device=...) had every step wait for the one queued before it (LoraEngine.queue_step). So a copy to CUDA goes
+    through pinned memory and is queued (PyTorch keeps the pinned block until the copy is done)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def padding_sequences(padding: int, bound: int) -> int:

@@ -39,3 +39,22 @@ def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(
     while alone.active():
         alone.step()
     assert first["eval_loss"] == pytest.approx(alone.evaluate(slot), rel=1e-4)
+
+
+def test_a_starting_engine_waits_for_trials_registering_shortly_after_the_first(tiny_model_dir, rows):
+    import time
+
+    from trainables.engine_actor import REGISTRATION_QUIET_S
+
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
+    server = EngineServer(base, slots=3, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
+                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
+                          eval_rows=rows["validation"])
+    config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=3)
+    server.register("first", config, None, [config.max_steps])
+    time.sleep(REGISTRATION_QUIET_S / 3)  # an engine stepping alone would have run steps of the first by now
+    server.register("second", dataclasses.replace(config, seed=8), None, [config.max_steps])
+    assert server.next_result("first")["step"] == server.next_result("second")["step"] == config.max_steps
+    figures = server.figures()
+    # Both trained in every step: the engine waited for the second (the third slot stays free).
+    assert figures["engine_steps"] == config.max_steps and figures["engine_adapters_per_step"] == 2.0

@@ -34,6 +34,9 @@ ENGINE_NAME = "lorasweep-engine-{index}"
 ENGINE_NAMESPACE = "lorasweep"
 # Adapters at an evaluation wait for any adapter this many steps or fewer from its own (EngineServer._gathering).
 GATHER_STEPS = 8
+# A starting engine waits for more trials to register until all its slots are full or none has come for this long
+# (EngineServer._starting).
+REGISTRATION_QUIET_S = 0.5
 
 
 class EngineServer:
@@ -64,6 +67,7 @@ class EngineServer:
         self.steps_run = 0
         self.adapter_steps = 0  # micro-batches over all engine steps: adapter_steps / steps_run adapters per step
         self.started_at = time.time()
+        self.registered_at = 0.0  # the last registration
         self.progress_at = time.time()
         self.condition = threading.Condition()
         # Client calls waiting for the lock. Python's lock is not fair: the stepping loop, releasing it and taking
@@ -117,6 +121,7 @@ class EngineServer:
             self.slots[trial_id] = slot
             self.schedule[slot] = sorted(evaluations)
             self.results[slot], self.snapshots[slot] = [], {}
+            self.registered_at = time.time()
             self.condition.notify_all()
             return slot
 
@@ -184,9 +189,9 @@ class EngineServer:
         while True:
             with self.condition:  # the loop's own turn
                 waited = time.time()
-                while not self._pending() and not self._arrived():
+                while (not self._pending() and not self._arrived()) or self._starting():
                     self.engine.settle()  # nothing left in flight while the engine waits
-                    self.condition.wait()
+                    self.condition.wait(REGISTRATION_QUIET_S if self._starting() else None)
                 self.idle_seconds += time.time() - waited
                 pending = self._pending()
                 if pending:
@@ -246,6 +251,16 @@ class EngineServer:
         adapters = self.engine.adapters
         return [slot for slot, steps in sorted(self.schedule.items()) if steps and not self.results[slot]
                 and (adapters[slot].failure or adapters[slot].step >= steps[0])]
+
+    def _starting(self) -> bool:
+        """Whether the engine waits for more trials before its first step: no adapter has trained yet, a slot is
+        free, and a trial registered less than REGISTRATION_QUIET_S ago. A study's trials register over a second or
+        so; stepping the first ones alone met a new step shape with nearly every registration (1, 2, 4, 8, 12, 16
+        rows), each a first step and a CUDA graph capture of ~0.7 s on the H200 (BENCHMARKS.md), and had them reach
+        their evaluations apart."""
+        adapters = self.engine.adapters.values()
+        return bool(adapters) and bool(self.engine.free) and time.time() - self.registered_at < REGISTRATION_QUIET_S \
+            and all(adapter.step == 0 and adapter.micro_step == 0 for adapter in adapters)
 
     def _gathering(self) -> bool:
         """Whether adapters at their evaluation wait for others: while an adapter still stepping is at most

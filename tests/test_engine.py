@@ -577,9 +577,7 @@ def test_the_engine_benchmark_measures_more_tokens_per_step_with_more_adapters(t
     assert kernel_class("triton_poi_fused__to_copy_add_mul_silu_2") == "fused by Inductor (Triton)"
 
 
-def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows, monkeypatch):
-    import trainables.engine
-
+def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows, capsys):
     engine = engine_for(base, slots=3)
     slots = [engine.add(f"a{i}", config, rows["train"], rows["validation"])
              for i, config in enumerate([SUBJECT, NEIGHBOURS[0], NEIGHBOURS[2]])]
@@ -590,10 +588,21 @@ def test_evaluating_adapters_together_gives_each_its_own_loss(base, rows, monkey
     alone = {slot: engine.evaluate(slot) for slot in slots}
     assert together == pytest.approx(alone, rel=1e-5)
     assert len({round(loss, 6) for loss in together.values()}) == 3  # three different adapters, three losses
-    # A pass per evaluation batch (the memory budget allowing no more) gives the same losses.
-    monkeypatch.setattr(trainables.engine, "EVAL_PASS_BYTES", 1)
+    # A pass per row (the memory budget allowing no more) gives the same losses.
+    engine.eval_pass_bytes = 1
     assert engine.eval_rows_per_pass(rows["validation"], 3) == 1
     assert engine.evaluate_many(slots) == pytest.approx(together, rel=1e-5)
+
+    # Passes that run out of memory are retried with half the rows, down to what fits, with the same losses; the
+    # halved budget stays for later evaluations.
+    engine.eval_pass_bytes = 2**40
+    rejected = out_of_memory_above(engine, examples_per_row=3)
+    assert engine.evaluate_many(slots) == pytest.approx(together, rel=1e-5)
+    assert rejected and engine.eval_rows_per_pass(rows["validation"], 3) <= 3
+    assert "CUDA out of memory in an evaluation pass" in capsys.readouterr().out
+    out_of_memory_above(engine, examples_per_row=0)
+    with pytest.raises(torch.OutOfMemoryError):  # not even one row fits
+        engine.evaluate_many(slots)
 
 
 def out_of_memory_above(engine: LoraEngine, examples_per_row: int) -> list[int]:

@@ -26,8 +26,9 @@ from trainables.step_layout import Layout, flat_layout, row_length, target_count
 from trainables.trial_spec import ENGINE_STATE_FILE, BaseModelSpec, TrainingConfig
 
 # The memory one evaluation pass may take: without gradients it holds about one layer's activations and the logits
-# at the positions with a loss (LoraEngine.eval_rows_per_pass). Less than the estimate reserves for a training step's
-# activations and logits (trainables/memory_estimate.estimate_engine_memory), which are freed between steps.
+# at the positions with a loss (LoraEngine.eval_rows_per_pass). Mostly less than the estimate reserves for a training
+# step's activations and logits (trainables/memory_estimate.estimate_engine_memory), which are freed between steps;
+# where it is too much, a pass that runs out of memory is retried with half (LoraEngine.evaluate_many).
 EVAL_PASS_BYTES = 4 * 2**30
 
 
@@ -107,6 +108,7 @@ class LoraEngine:
         self.free = list(range(slots))
         self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
         self.queued: list[_QueuedStep] = []  # steps whose losses and gradient norms are not read yet (settle)
+        self.eval_pass_bytes = EVAL_PASS_BYTES  # halved on a CUDA out-of-memory error in an evaluation pass
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
         self.optimizer = SlotAdamW(weights, params)
         # CUDA graphs of the step over bucketed shapes (trainables/graphed_step.py); on CPU the same bucketed step
@@ -353,24 +355,35 @@ class LoraEngine:
         batch in its own row (adapters reaching an evaluation together, as a study's do, share the passes)."""
         self.settle()
         self.model.eval()
-        groups: dict[tuple[int, int], list[int]] = {}
-        for slot in slots:  # adapters with the same evaluation rows and batch size go through together
-            adapter = self.adapters[slot]
-            groups.setdefault((id(adapter.eval_rows), adapter.training.per_device_eval_batch_size), []).append(slot)
+        groups: dict[int, list[int]] = {}
+        for slot in slots:  # adapters with the same evaluation rows go through together
+            groups.setdefault(id(self.adapters[slot].eval_rows), []).append(slot)
         nll = {slot: 0.0 for slot in slots}
         count = {slot: 0 for slot in slots}
-        for (_, size), group in groups.items():
+        for group in groups.values():
             rows = self.adapters[group[0]].eval_rows
-            # Rows per pass: as many as fit the memory budget, at least the configured batch. Each pass runs the
-            # layers eagerly, its launches a fixed cost: batches of 32 short rows made evaluation a quarter of the
-            # engine's time in an 8B sweep, and passes of 16k tokens 7 of a SmolLM2 study's 40 s (BENCHMARKS.md).
-            size = max(size, self.eval_rows_per_pass(rows, len(group)))
-            for start in range(0, len(rows), size):
+            # Rows per pass: as many as fit the memory budget. Each pass runs the layers eagerly, its launches a
+            # fixed cost: batches of 32 short rows made evaluation a quarter of the engine's time in an 8B sweep, and
+            # passes of 16k tokens 7 of a SmolLM2 study's 40 s (BENCHMARKS.md).
+            size = self.eval_rows_per_pass(rows, len(group))
+            start = 0
+            while start < len(rows):
                 batch = rows[start:start + size]
                 layout = flat_layout({slot: batch for slot in group}, self.model.device)
                 self.routing.set(group, None, self.model.device, any_dropout=False, compute_dtype=self.compute_dtype)
                 try:
                     token_losses = self._token_losses(layout)
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    # The budget was too much for this GPU (the rest of the engine's memory, or another process):
+                    # what half the pass takes, for this pass and later evaluations.
+                    size = max(1, len(batch) // 2)
+                    self.eval_pass_bytes = size * self._eval_bytes_per_row(rows, len(group))
+                    torch.cuda.empty_cache()
+                    print(f"[lorasweep] engine: CUDA out of memory in an evaluation pass; passes now take {size} "
+                          f"rows per adapter", flush=True)
+                    continue
                 finally:
                     self.routing.clear()
                 sums = token_losses.view(len(group), -1).sum(dim=1)  # a row per adapter; padding has no targets
@@ -378,20 +391,25 @@ class LoraEngine:
                 for slot, value in zip(group, sums.tolist()):
                     nll[slot] += value
                     count[slot] += targets
+                start += len(batch)
         return {slot: nll[slot] / count[slot] if count[slot] else math.nan for slot in slots}
 
     def eval_rows_per_pass(self, rows: list[dict], adapters: int) -> int:
-        """How many of `rows` each of `adapters` adapters can put through one evaluation pass in EVAL_PASS_BYTES: per
-        token about one layer's activations in bf16 (the fp32 residual, norm, attention's projections, the MLP's),
-        and the logits where a completion token is predicted (bf16, their fp32 upcast and the loss's log-softmax;
-        at every position where the model computes the head over all of them)."""
+        """How many of `rows` each of `adapters` adapters can put through one evaluation pass in eval_pass_bytes."""
+        return max(1, int(self.eval_pass_bytes / self._eval_bytes_per_row(rows, adapters)))
+
+    def _eval_bytes_per_row(self, rows: list[dict], adapters: int) -> float:
+        """An evaluation pass's memory per row of `rows` (each of `adapters` adapters has it): per token about one
+        layer's activations in bf16 (the fp32 residual, norm, attention's projections, the MLP's), and the logits
+        where a completion token is predicted (bf16, their fp32 upcast and the loss's log-softmax; at every
+        position where the model computes the head over all of them)."""
         text = self.model.config.get_text_config()
         hidden = text.hidden_size
         intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
         tokens = max(1, row_length(rows))
         with_logits = sum(target_count(row) for row in rows) / tokens if self.head_alone else 1.0
         per_token = 14 * hidden + 8 * intermediate + with_logits * 10 * text.vocab_size
-        return max(1, int(EVAL_PASS_BYTES / (per_token * tokens / max(1, len(rows)) * adapters)))
+        return per_token * tokens / max(1, len(rows)) * adapters
 
     def take_train_loss(self, slot: int) -> float:
         """The mean training loss since the last call (what the Trainer logs per logging window)."""

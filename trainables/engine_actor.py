@@ -272,10 +272,15 @@ class EngineServer:
         return any(self.schedule[slot][0] - adapters[slot].step <= GATHER_STEPS for slot in self._pending())
 
     def _results(self, slots: list[int]) -> dict[int, dict]:
-        """The evaluation of every adapter that reached its target in this step, in shared forward passes."""
+        """The evaluation of every adapter that reached its target in this step, in shared forward passes. An error of
+        the evaluation fails the adapters in it, not the engine (the stepping thread goes on)."""
         adapters = self.engine.adapters
         healthy = [slot for slot in slots if not adapters[slot].failure]
-        losses = self.engine.evaluate_many(healthy) if healthy else {}
+        try:
+            losses = self.engine.evaluate_many(healthy) if healthy else {}
+        except Exception as err:
+            for slot in healthy:
+                self.engine.fail(slot, f"evaluation: {type(err).__name__}: {err}")
         results = {}
         for slot in slots:
             adapter = adapters[slot]

@@ -83,12 +83,12 @@ def flat_layout(batches: dict[int, list[dict]], device, pad_token_id: int = 0, w
                   bound)
 
 
-def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_device(values, device) -> torch.Tensor:
     """`values` (a list, numpy array or CPU tensor) as a tensor on `device`, the host not waiting for the device. A
     blocking copy to CUDA waits for everything queued before it: one index tensor made with torch.tensor(...,
     device=...) had every step wait for the one queued before it (LoraEngine.queue_step). So a copy to CUDA goes
     through pinned memory and is queued (PyTorch keeps the pinned block until the copy is done)."""
-    tensor = torch.as_tensor(values, dtype=dtype)
+    tensor = torch.as_tensor(values)
     if torch.device(device).type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -60,7 +60,8 @@ def test_a_starting_engine_waits_for_trials_registering_shortly_after_the_first(
     assert figures["engine_steps"] == config.max_steps and figures["engine_adapters_per_step"] == 2.0
 
 
-def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_model_dir, rows):
+@pytest.mark.parametrize("method, reason", [("evaluate_many", "evaluation"), ("snapshot", "checkpoint")])
+def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_model_dir, rows, method, reason):
     import torch
 
     base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
@@ -68,16 +69,16 @@ def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_m
                           compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
                           eval_rows=rows["validation"])
     config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=2)
-    evaluate_many = server.engine.evaluate_many
+    working = getattr(server.engine, method)
 
-    def out_of_memory_once(slots):
-        server.engine.evaluate_many = evaluate_many
+    def out_of_memory_once(*args):
+        setattr(server.engine, method, working)
         raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
 
-    server.engine.evaluate_many = out_of_memory_once
+    setattr(server.engine, method, out_of_memory_once)
     server.register("unlucky", config, None, [config.max_steps])
     result = server.next_result("unlucky")
-    assert result["failure"].startswith("evaluation: OutOfMemoryError") and "eval_loss" not in result
+    assert result["failure"].startswith(f"{reason}: OutOfMemoryError") and "eval_loss" not in result
     server.release("unlucky")
     server.register("next", config, None, [config.max_steps])  # the stepping thread lives on
     assert math.isfinite(server.next_result("next")["eval_loss"])

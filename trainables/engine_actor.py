@@ -284,12 +284,15 @@ class EngineServer:
         results = {}
         for slot in slots:
             adapter = adapters[slot]
-            if adapter.failure:
-                results[slot] = {"step": adapter.step, "failure": adapter.failure, "tokens": adapter.tokens_seen}
-            else:
-                results[slot] = {"step": adapter.step, "eval_loss": losses[slot],
-                                 "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen,
-                                 "snapshot": self.engine.snapshot(slot)}
+            if not adapter.failure:
+                try:
+                    results[slot] = {"step": adapter.step, "eval_loss": losses[slot],
+                                     "train_loss": self.engine.take_train_loss(slot), "tokens": adapter.tokens_seen,
+                                     "snapshot": self.engine.snapshot(slot)}
+                    continue
+                except Exception as err:  # the copy off the device
+                    self.engine.fail(slot, f"checkpoint: {type(err).__name__}: {err}")
+            results[slot] = {"step": adapter.step, "failure": adapter.failure, "tokens": adapter.tokens_seen}
         return results
 
 

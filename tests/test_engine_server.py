@@ -82,3 +82,24 @@ def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_m
     server.release("unlucky")
     server.register("next", config, None, [config.max_steps])  # the stepping thread lives on
     assert math.isfinite(server.next_result("next")["eval_loss"])
+
+
+def test_an_unexpected_error_in_the_stepping_loop_fails_the_trials_and_the_loop_goes_on(tiny_model_dir, rows, capsys):
+    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
+    server = EngineServer(base, slots=1, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
+                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
+                          eval_rows=rows["validation"])
+    config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=2)
+    gathering = server._gathering
+
+    def broken_once():
+        server._gathering = gathering
+        raise RuntimeError("a bug (injected by the test)")
+
+    server._gathering = broken_once
+    server.register("unlucky", config, None, [config.max_steps])
+    assert server.next_result("unlucky")["failure"] == "engine: RuntimeError: a bug (injected by the test)"
+    server.release("unlucky")
+    server.register("next", config, None, [config.max_steps])
+    assert math.isfinite(server.next_result("next")["eval_loss"])
+    assert "a bug (injected by the test)" in capsys.readouterr().err  # the traceback, for the user

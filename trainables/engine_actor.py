@@ -25,6 +25,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import traceback  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -187,49 +188,61 @@ class EngineServer:
 
     def _loop(self) -> None:
         while True:
-            with self.condition:  # the loop's own turn
-                waited = time.time()
-                while (not self._pending() and not self._arrived()) or self._starting():
-                    self.engine.settle()  # nothing left in flight while the engine waits
-                    self.condition.wait(REGISTRATION_QUIET_S if self._starting() else None)
-                self.idle_seconds += time.time() - waited
-                pending = self._pending()
-                if pending:
-                    began = time.time()
-                    try:
-                        # The step is queued and the one before it read: the device works on this step while the
-                        # next one is laid out (LoraEngine.queue_step).
-                        self.engine.queue_step(pending)
-                        self.engine.settle(leave=1)
-                    except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
-                        for slot in pending:
-                            self.engine.fail(slot, f"{type(err).__name__}: {err}")
-                    self.train_seconds += time.time() - began
-                    self.steps_run += 1
-                    self.adapter_steps += len(pending)
-                arrived = self._arrived()
-                if arrived and self._gathering():
-                    arrived = []
-                began = time.time()
-                if arrived:  # evaluations read the adapters as this step left them, failures included
-                    self.engine.settle()
-                    arrived = self._arrived()
-                    self.evaluations_run += 1
-                    self.adapter_evaluations += len(arrived)
-                for slot, result in self._results(arrived).items():
-                    self.results[slot].append(result)
-                    self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
-                self.eval_seconds += time.time() - began
-                if arrived:  # wake the waiting trials only when there is something for them
+            try:
+                self._turn()
+            except Exception as err:  # nothing may end this thread: trials would wait for their results for good
+                traceback.print_exc()
+                with self.condition:
+                    for slot in self.schedule:
+                        if self.engine.adapters[slot].failure is None:
+                            self.engine.fail(slot, f"engine: {type(err).__name__}: {err}")
                     self.condition.notify_all()
-                    # A woken trial must take the lock again to pick its result up: give it a moment (a trial
-                    # that is busy reporting picks up later; its adapter waits, at most one evaluation ahead).
-                    deadline = time.time() + 0.05
-                    while time.time() < deadline and any(self.results.get(slot) for slot in arrived):
-                        self.condition.wait(0.002)
-                while self.waiting_clients:  # let the clients queued for the lock in before the next step
-                    self.condition.wait(0.001)
-            self._print_progress()
+
+    def _turn(self) -> None:
+        """One step of the adapters that have steps to go, and the evaluations of those at one (or a wait)."""
+        with self.condition:  # the loop's own turn
+            waited = time.time()
+            while (not self._pending() and not self._arrived()) or self._starting():
+                self.engine.settle()  # nothing left in flight while the engine waits
+                self.condition.wait(REGISTRATION_QUIET_S if self._starting() else None)
+            self.idle_seconds += time.time() - waited
+            pending = self._pending()
+            if pending:
+                began = time.time()
+                try:
+                    # The step is queued and the one before it read: the device works on this step while the
+                    # next one is laid out (LoraEngine.queue_step).
+                    self.engine.queue_step(pending)
+                    self.engine.settle(leave=1)
+                except Exception as err:  # an error of the step itself fails the adapters in it, not the engine
+                    for slot in pending:
+                        self.engine.fail(slot, f"{type(err).__name__}: {err}")
+                self.train_seconds += time.time() - began
+                self.steps_run += 1
+                self.adapter_steps += len(pending)
+            arrived = self._arrived()
+            if arrived and self._gathering():
+                arrived = []
+            began = time.time()
+            if arrived:  # evaluations read the adapters as this step left them, failures included
+                self.engine.settle()
+                arrived = self._arrived()
+                self.evaluations_run += 1
+                self.adapter_evaluations += len(arrived)
+            for slot, result in self._results(arrived).items():
+                self.results[slot].append(result)
+                self.schedule[slot] = [] if "failure" in result else self.schedule[slot][1:]
+            self.eval_seconds += time.time() - began
+            if arrived:  # wake the waiting trials only when there is something for them
+                self.condition.notify_all()
+                # A woken trial must take the lock again to pick its result up: give it a moment (a trial
+                # that is busy reporting picks up later; its adapter waits, at most one evaluation ahead).
+                deadline = time.time() + 0.05
+                while time.time() < deadline and any(self.results.get(slot) for slot in arrived):
+                    self.condition.wait(0.002)
+            while self.waiting_clients:  # let the clients queued for the lock in before the next step
+                self.condition.wait(0.001)
+        self._print_progress()
 
     def _print_progress(self) -> None:
         """Every 30 s, one line of where the engine's time goes (Ray forwards it to the driver's console)."""

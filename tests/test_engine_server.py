@@ -3,13 +3,15 @@ their evaluations a few steps apart are evaluated together, each at its own step
 
 import dataclasses
 import math
+import time
 
 import pytest
+import torch
 
 from test_engine import SUBJECT
 from test_trial_training import tokenized_rows
 from trainables.engine import LoraEngine
-from trainables.engine_actor import GATHER_STEPS, EngineServer
+from trainables.engine_actor import GATHER_STEPS, REGISTRATION_QUIET_S, EngineServer
 from trainables.trial_spec import BaseModelSpec
 
 
@@ -18,11 +20,15 @@ def rows(tiny_model_dir, tiny_data_dir):
     return tokenized_rows(tiny_model_dir, tiny_data_dir)
 
 
-def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(tiny_model_dir, rows):
+def server_for(tiny_model_dir, rows, slots: int) -> EngineServer:
+    """An engine server on CPU with the tiny base, its stepping thread running (as Ray runs it in the actor)."""
     base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
-    server = EngineServer(base, slots=2, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
-                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
-                          eval_rows=rows["validation"])
+    return EngineServer(base, slots=slots, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
+                        compile_layers=False, cuda_graphs=False, train_rows=rows["train"], eval_rows=rows["validation"])
+
+
+def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(tiny_model_dir, rows):
+    server = server_for(tiny_model_dir, rows, slots=2)
     early = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=4, seed=1)
     late = dataclasses.replace(early, max_steps=4 + GATHER_STEPS // 2, seed=2)
     server.register("early", early, None, [early.max_steps])
@@ -34,7 +40,7 @@ def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(
     assert (figures["engine_evaluations"], figures["engine_adapter_evaluations"]) == (1, 2)
 
     # The early adapter waited for the late one at its own step: its loss is the one it has trained alone.
-    alone = LoraEngine(base, slots=1, max_rank=16)
+    alone = LoraEngine(server.engine.base_spec, slots=1, max_rank=16)
     slot = alone.add("early", early, rows["train"], rows["validation"])
     while alone.active():
         alone.step()
@@ -42,14 +48,7 @@ def test_adapters_a_few_steps_apart_are_evaluated_together_each_at_its_own_step(
 
 
 def test_a_starting_engine_waits_for_trials_registering_shortly_after_the_first(tiny_model_dir, rows):
-    import time
-
-    from trainables.engine_actor import REGISTRATION_QUIET_S
-
-    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
-    server = EngineServer(base, slots=3, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
-                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
-                          eval_rows=rows["validation"])
+    server = server_for(tiny_model_dir, rows, slots=3)
     config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=3)
     server.register("first", config, None, [config.max_steps])
     time.sleep(REGISTRATION_QUIET_S / 3)  # an engine stepping alone would have run steps of the first by now
@@ -62,12 +61,7 @@ def test_a_starting_engine_waits_for_trials_registering_shortly_after_the_first(
 
 @pytest.mark.parametrize("method, reason", [("evaluate_many", "evaluation"), ("snapshot", "checkpoint")])
 def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_model_dir, rows, method, reason):
-    import torch
-
-    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
-    server = EngineServer(base, slots=2, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
-                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
-                          eval_rows=rows["validation"])
+    server = server_for(tiny_model_dir, rows, slots=2)
     config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=2)
     working = getattr(server.engine, method)
 
@@ -85,10 +79,7 @@ def test_an_evaluation_that_fails_fails_its_trials_and_the_engine_goes_on(tiny_m
 
 
 def test_an_unexpected_error_in_the_stepping_loop_fails_the_trials_and_the_loop_goes_on(tiny_model_dir, rows, capsys):
-    base = BaseModelSpec(model_dir=str(tiny_model_dir), precision="bf16", device="cpu")
-    server = EngineServer(base, slots=1, max_rank=16, gradient_checkpointing=False, dequantized_base=False,
-                          compile_layers=False, cuda_graphs=False, train_rows=rows["train"],
-                          eval_rows=rows["validation"])
+    server = server_for(tiny_model_dir, rows, slots=1)
     config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=2)
     gathering = server._gathering
 

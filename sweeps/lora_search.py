@@ -279,8 +279,8 @@ def sweep_and_evaluate(config, plan, experiment, model_dir: str, splits: dict) -
                        training=sections["training"])  # what the model cards say beside the winner's figures
     stage_candidates = [{"trial_id": c["trial_id"], "checkpoint_dir": c["checkpoint_dir"], "params": c["params"],
                          "steps": c["steps"]} for c in candidates]
-    outcome = get_or_stop(stage, stage.run.remote(base, stage_candidates, splits["test"], config.eval,
-                                                  str(experiment_dir), study), experiment_dir)
+    outcome = run_or_stop(stage, (base, stage_candidates, splits["test"], config.eval, str(experiment_dir), study),
+                          experiment_dir)
     timings["evaluation_seconds"] = round(time.time() - sweep_started - timings["sweep_seconds"], 2)
     timings["evaluation_seconds_per_model"] = {row_id: scored["seconds"] for row_id, scored in outcome["results"].items()}
     write_json_atomically(experiment_dir / TIMINGS_FILE, timings)
@@ -367,23 +367,50 @@ class EvaluationStage:
 
         return run_evaluation_stage(*args)
 
+    def process(self) -> tuple[str, int]:
+        """The node and process id of the stage's process."""
+        import ray
 
-def get_or_stop(stage, ref, experiment_dir: Path):
-    """ray.get, and on Ctrl-C the stage's process is ended and the half-written `*.partial` files it may have left
-    are removed (the finished ones were renamed into place whole)."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+def run_or_stop(stage, args: tuple, experiment_dir: Path):
+    """The stage's run(*args), and on Ctrl-C the stage's process is ended and the half-written `*.partial` files it
+    may have left are removed (the finished ones were renamed into place whole)."""
     import ray
 
+    node = pid = ref = None
     try:
+        node, pid = ray.get(stage.process.remote())  # asked first: the actor runs one call at a time
+        ref = stage.run.remote(*args)
         return ray.get(ref)
     except KeyboardInterrupt:
         ray.kill(stage, no_restart=True)
-        ray.wait([ref], timeout=30)  # resolves (to an error) once the process is gone and writes nothing more
+        if ref is not None:
+            ray.wait([ref], timeout=30)  # resolves (to an error) once Ray counts the actor dead
+        # Its process may still be writing for a moment after that: the Ctrl-C test once found merged_model.partial
+        # left behind. Where it runs on this node, wait for it to be gone.
+        if pid is not None and node == ray.get_runtime_context().get_node_id():
+            _wait_until_gone(pid, seconds=30)
         for partial in experiment_dir.rglob("*.partial"):
             if partial.is_dir():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
                 partial.unlink(missing_ok=True)
         raise
+
+
+def _wait_until_gone(pid: int, seconds: float) -> None:
+    """Until process `pid` of this node has exited (or is a zombie, which writes nothing), at most `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # gone (or no /proc to look in)
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
 
 
 def check_output_dir(output_dir: str, experiment_dir: Path) -> None:

@@ -108,7 +108,7 @@ class LoraEngine:
         self.free = list(range(slots))
         self.pieces = 1  # each micro-batch runs in this many pieces (raised on CUDA out-of-memory errors)
         self.queued: list[_QueuedStep] = []  # steps whose losses and gradient norms are not read yet (settle)
-        self.eval_pass_bytes = EVAL_PASS_BYTES  # halved on a CUDA out-of-memory error in an evaluation pass
+        self.eval_pass_bytes = EVAL_PASS_BYTES  # lowered to half a pass's need on its CUDA out-of-memory error
         params = [p for module in self.modules.values() for p in (module.lora_A, module.lora_B)]
         self.optimizer = SlotAdamW(weights, params)
         # CUDA graphs of the step over bucketed shapes (trainables/graphed_step.py); on CPU the same bucketed step
@@ -565,8 +565,7 @@ class PiecesOffDevice:
         self.done = None
         if joined.is_cuda:
             # Freeing `joined` after queueing the copy is safe: its memory is reused only by later work on this stream.
-            self.host = torch.empty(joined.shape, dtype=joined.dtype, pin_memory=True)
-            self.host.copy_(joined, non_blocking=True)
+            self.host = _to_host(joined)
             self.done = torch.cuda.Event()
             self.done.record()
         else:

@@ -110,7 +110,7 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
     cuda = torch.cuda.is_available()
     began = time.time()
     # Warm-up: allocator, kernels' first launches, compilation (a static, then a dynamic variant); with CUDA graphs
-    # also the first step (eager) and the second (captured) of each shape bucket the steps meet.
+    # also the first bucket's eager step and each shape bucket's capture.
     warm_up_steps = 10 if engine.graphed is not None else 3
     for _ in range(warm_up_steps):
         engine.step()
@@ -134,7 +134,7 @@ def time_steps(engine, steps: int, peak: float | None, parameters: int) -> dict:
            "tokens_per_step": round(tokens / steps), "tokens_per_s": round(rate),
            # Forward plus the input-gradient backward: 4 FLOPs per parameter and token (no weight gradients).
            "model_tflops": round(4 * parameters * rate / 1e12, 2)}
-    if engine.graphed is not None:  # shape buckets met: each new one runs eagerly once, then is captured
+    if engine.graphed is not None:  # shape buckets met: each captured at its first step (the first after an eager one)
         run["graph_buckets"] = len(engine.graphed.buckets)
         run["graph_buckets_new_while_timed"] = len(engine.graphed.buckets) - buckets_before
     if cuda:
@@ -264,8 +264,8 @@ def render(figures: dict) -> str:
     for run in figures["runs"]:
         if "graph_buckets" in run:
             lines.append(f"\n{run['slots']} adapters: {run['graph_buckets']} shape buckets met, "
-                         f"{run['graph_buckets_new_while_timed']} of them new while timed (each runs eagerly once, "
-                         f"then is captured)")
+                         f"{run['graph_buckets_new_while_timed']} of them new while timed (each captured when first met, "
+                         f"the first after one eager step)")
     for run in figures["runs"]:
         if "evaluation_s (all adapters)" in run:
             lines.append(f"\n{run['slots']} adapters: evaluated together in {run['evaluation_s (all adapters)']} s; "

@@ -324,6 +324,47 @@ def test_an_input_cast_once_for_several_modules_gives_each_the_gradient_of_its_o
     assert x.grad.dtype == torch.float32 and torch.equal(once, x.grad)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_base_and_lora_node_gives_autograds_sum_and_gradients(dropout):
+    """On CUDA a module's base product and LoRA term are summed by the matmuls in one autograd node of its own
+    (multi_lora._BaseAndLora, its backward written by hand): its output and its gradients for the input, the dropped
+    LoRA input and both adapter factors are autograd's for the same sums, here in float64 over the same bf16 values
+    (run in fp32 on CPU), the output's gradient cast to bf16 once as the node does."""
+    from trainables.multi_lora import _BaseAndLora
+
+    torch.manual_seed(0)
+    rows, length, d_in, d_out, rank = 3, 5, 16, 24, 4
+
+    def bf16(*shape):
+        return torch.randn(*shape).to(torch.bfloat16)
+
+    compute, weight, bias = bf16(rows, length, d_in), bf16(d_out, d_in), bf16(d_out)
+    dropped = bf16(rows, length, d_in) if dropout else None
+    a_t, b_t, scale = bf16(rows, d_in, rank), bf16(rows, rank, d_out), torch.tensor([0.5, 2.0, 0.0]).view(3, 1, 1)
+    inputs = [compute, dropped, a_t, b_t]
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    out = _BaseAndLora.apply(leaves[0], leaves[1], weight, bias, leaves[2], leaves[3], scale.to(torch.bfloat16),
+                             torch.float32)
+    gradient = torch.randn_like(out)
+    out.backward(gradient)
+
+    exact = [t.double().requires_grad_() if t is not None else None for t in inputs]
+    lora_input = exact[0] if not dropout else exact[1]
+    expected = exact[0] @ weight.double().t() + bias.double() + (lora_input @ exact[2] * scale.double()) @ exact[3]
+    expected.backward(gradient.to(torch.bfloat16).double())
+    def close(value, reference):  # within bf16's rounding of the products, relative to the tensor's scale
+        return (value.double() - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+    assert out.dtype == torch.float32 and close(out, expected)
+    for leaf, reference in zip(leaves, exact):
+        if leaf is not None:
+            assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16
+            assert close(leaf.grad, reference.grad), (leaf.shape, dropout)
+    # The slot of scale 0 is the base alone, and its factors get no gradient.
+    assert torch.allclose(out[2].double(), (compute[2].double() @ weight.double().t() + bias.double()), atol=1e-5)
+    assert not leaves[2].grad[2].any() and not leaves[3].grad[2].any()
+
+
 def test_a_step_takes_a_captured_bucket_with_room_for_it_at_little_more_work(base):
     """Fewer captures: a step takes an existing bucket of its rows and dropout that holds its longest row with at most
     WIDTH_SLACK more positions per row, its loss positions, its longest example and its sequences (examples and

@@ -21,36 +21,10 @@ class DequantizedLinear(torch.nn.Module):
                              .to(dtype))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().to(dtype))
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x @ W^T + b in `out_dtype` (x's dtype by default). On CUDA, an input already in the compute dtype and an
-        fp32 output: the matmul writes fp32 itself (_WideOutputLinear), where the layer's matmul and a cast of its
-        output made two passes (MultiLoraLinear asks for this: its sum with the LoRA term is in fp32)."""
-        out_dtype = out_dtype or x.dtype
-        if x.is_cuda and x.dtype == self.weight.dtype != out_dtype == torch.float32:
-            return _WideOutputLinear.apply(x, self.weight, self.bias)
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(out_dtype)
-
-
-class _WideOutputLinear(torch.autograd.Function):
-    """x @ W^T + b for half-precision x and a frozen W, written in fp32 by the matmul (torch.mm's out_dtype): on an
-    H200, 0.08 ms for a [22k, 576] x [576, 1536] product where the bf16 matmul and the cast of its output took 0.17 ms
-    (2026-12-03). It skips the rounding of the output to bf16 that the 4-bit layer's matmul makes before its cast, so
-    it is that much more precise than the per-process path. Only x gets a gradient: the base is frozen, and the
-    backward is the linear's with the gradient cast to x's dtype first, as the cast's backward did."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        with torch.autocast("cuda", enabled=False):  # the inputs are in the compute dtype already
-            out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
-            if bias is not None:
-                out += bias
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad.to(weight.dtype) @ weight, None, None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b in x's dtype, from x cast to the compute dtype. MultiLoraLinear computes the training steps'
+        sum of this and the LoRA term in one autograd node of its own (multi_lora._BaseAndLora)."""
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def dequantize_linear_layers(modules) -> int:

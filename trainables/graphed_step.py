@@ -14,8 +14,9 @@ tensor and the bucket's sequence bound as the longest a sequence can be (the lon
 padding comes as dummy sequences no longer), and the gradient comes out of the graph as a tensor
 (torch.autograd.grad) that the engine adds to the slots' gradients outside it.
 
-A bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces, lazy
-initialization), its second is captured and replayed; all graphs share one memory pool, which is safe because they
+The first bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces,
+lazy initialization), its second is captured and replayed; a later bucket is captured at its first step. All
+graphs share one memory pool, which is safe because they
 run one at a time and copy their outputs out of the pool, into buffers of their own. The process holds more memory
 than with eager steps: for 8 adapters of an 8B-shaped model on an H200, 142 GB reserved against 90 GB eager, for
 81 and 67 GB allocated at most (BENCHMARKS.md; expandable segments did not change it), likely the pool's activations
@@ -74,6 +75,10 @@ class GraphedSteps:
         # Every bucket's first, eager step and its capture run on this stream (as torch.cuda.graph captures on one).
         self.side_stream = torch.cuda.Stream() if self.capture else None
         self.buckets: dict[tuple, _Bucket] = {}
+        # Once one step has run eagerly and been captured, the lazy set-up that capture needs is done: a later
+        # bucket's first step is captured at once and replayed, without an eager step of its own (an eager step of 16
+        # SmolLM2-shaped adapters took 221 ms on an H200, and a study met 8 buckets: BENCHMARKS.md).
+        self.captured_once = False
         self.capture_seconds = 0.0  # in buckets' first steps and captures: what the graphs cost beyond their replays
         # Where every graph leaves its losses and gradients, outside the graphs' pool: outputs kept inside it would
         # hold a [rows, adapter weights] gradient per bucket (5.6 GB for 8 rank-64 adapters of an 8B model).
@@ -107,7 +112,7 @@ class GraphedSteps:
             self._fill(bucket.buffers, flat_layout(batches, "cpu", width=width, sequence_bound=bound), slots)
         if not self.capture:
             losses, grads = self._losses_and_grads(bucket.buffers, dropout)
-        elif fresh:  # the first step of a bucket runs eagerly on a side stream, as capture needs
+        elif fresh and not self.captured_once:  # the first step runs eagerly on a side stream, as capture needs
             side = self.side_stream
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -118,6 +123,7 @@ class GraphedSteps:
             if bucket.graph is None:
                 bucket.graph = self._capture(bucket.buffers, dropout, rows)
                 self.capture_seconds += time.time() - began
+                self.captured_once = True
             with torch.profiler.record_function("lorasweep: graph replay"):
                 bucket.graph.replay()
             losses, grads = self.losses_out[:rows], self.grads_out[:rows]

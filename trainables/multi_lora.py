@@ -145,14 +145,14 @@ class MultiLoraLinear(nn.Module):
         # On CUDA the input cast to bf16 once for the base and LoRA matmuls of every module that reads it, where
         # autocast would cast it for each matmul (an fp32 input: the norms run in fp32, as in the per-process path).
         compute = self._cast_once(x)
-        if isinstance(self.base, DequantizedLinear):  # x's dtype written by the matmul itself, not cast after it
-            result = self.base(compute, out_dtype=x.dtype)
-        else:
-            result = self.base(compute)
-            if self.base_output_in_input_dtype:
-                result = result.to(x.dtype)  # what the base returns given x itself: the sum below stays in fp32
-        rows = self._dropout(compute) if self.routing.any_dropout else compute  # training steps only
-        return result + self._lora(rows)
+        rows = self._dropout(compute) if self.routing.any_dropout else None  # training steps only
+        if isinstance(self.base, DequantizedLinear):  # the sum written in x's dtype by the matmuls themselves
+            return _BaseAndLora.apply(compute, rows, self.base.weight, self.base.bias, self.step_a_t, self.step_b_t,
+                                      self.step_scale, x.dtype)
+        result = self.base(compute)
+        if self.base_output_in_input_dtype:
+            result = result.to(x.dtype)  # what the base returns given x itself: the sum below stays in fp32
+        return result + self._lora(compute if rows is None else rows)
 
     def _lora(self, rows: torch.Tensor) -> torch.Tensor:
         # The scale rides on the [rows, L, R] product, the smallest one.
@@ -189,6 +189,71 @@ class MultiLoraLinear(nn.Module):
             # the draw, the comparison and the product. fp32 draws whatever the rows' dtype: the rate stays exact.
             return rows * (torch.rand_like(rows, dtype=torch.float32) >= p)
         return rows * keep
+
+
+class _BaseAndLora(torch.autograd.Function):
+    """A module's base product and LoRA term, summed by the matmuls themselves: x W^T + b written in `out_dtype` by
+    the base's matmul, then (rows A^T * scale) B^T added to it by a batched matmul that takes it as its input
+    (baddbmm), both accumulating in fp32 and writing `out_dtype` (fp32 beside the fp32 residual stream that k-bit
+    preparation keeps: torch.mm's and torch.baddbmm's out_dtype, CUDA only). Autograd's composition of the same (the
+    base's matmul, a bf16 LoRA product, an fp32 sum of the two) wrote the module's output three times, and its
+    backward cast the output's gradient to bf16 once per branch and summed the branches' input gradients in a kernel
+    of its own: here one cast serves both branches, and the LoRA's input gradient is added by a batched matmul that
+    takes the base's as its input. Written by hand because the out_dtype matmuls have no autograd formula (torch
+    2.11), and because autograd cannot share the cast. The LoRA term is summed without its rounding to bf16: slightly
+    more precise than the per-process path (PEFT's bf16 LoRA output added to the fp32 base output).
+
+    `compute` [rows, L, d_in] is the input in the compute dtype, `rows` the LoRA's input where dropout gave it one
+    of its own (None: `compute`), `weight` [d_out, d_in] the frozen base's (compute dtype), `a_t` [rows, d_in, R],
+    `b_t` [rows, R, d_out] and `scale` [rows, 1, 1] the step's adapters (Routing.assign). On CPU (the tests; the
+    engine's CPU path does not come here) the same sums run in `out_dtype` on upcast inputs."""
+
+    @staticmethod
+    def forward(ctx, compute: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                a_t: torch.Tensor, b_t: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        lora_input = compute if rows is None else rows
+        count, length, d_in = compute.shape
+        with torch.autocast(compute.device.type, enabled=False):  # the inputs are in the compute dtype already
+            hidden = torch.bmm(lora_input, a_t) * scale  # [rows, L, R]: the scale on the smallest product
+            out = _matmul(torch.mm, out_dtype, compute.reshape(-1, d_in), weight.t())
+            if bias is not None:
+                out += bias
+            out = _matmul(torch.baddbmm, out_dtype, out.view(count, length, -1), hidden, b_t)
+        ctx.save_for_backward(lora_input, hidden, weight, a_t, b_t, scale)
+        ctx.lora_input_is_compute = rows is None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lora_input, hidden, weight, a_t, b_t, scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_compute = grad_rows = grad_a_t = grad_b_t = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.to(weight.dtype)  # the one cast of the output's gradient, for both branches
+            grad_hidden = torch.bmm(g, b_t.transpose(1, 2)) * scale
+            if needs[5]:
+                grad_b_t = torch.bmm(hidden.transpose(1, 2), g)
+            if needs[4]:
+                grad_a_t = torch.bmm(lora_input.transpose(1, 2), grad_hidden)
+            if needs[0]:
+                count, length, d_out = g.shape
+                grad_compute = torch.mm(g.reshape(-1, d_out), weight).view(count, length, -1)
+                if ctx.lora_input_is_compute:  # the LoRA's input gradient added by its matmul
+                    grad_compute = torch.baddbmm(grad_compute, grad_hidden, a_t.transpose(1, 2))
+            if needs[1]:
+                grad_rows = torch.bmm(grad_hidden, a_t.transpose(1, 2))
+        return grad_compute, grad_rows, None, None, grad_a_t, grad_b_t, None, None
+
+
+def _matmul(operation, out_dtype: torch.dtype, *operands: torch.Tensor) -> torch.Tensor:
+    """torch.mm or torch.baddbmm of half-precision matrices, accumulated and written in `out_dtype` (the input of
+    baddbmm, the first operand, in `out_dtype` already); on CPU, which has no out_dtype matmuls, over upcast matrices."""
+    *first, left, right = operands
+    if left.dtype == out_dtype:
+        return operation(*operands)
+    if left.is_cuda:
+        return operation(*operands, out_dtype=out_dtype)
+    return operation(*first, left.to(out_dtype), right.to(out_dtype))
 
 
 class _SharedCast(torch.autograd.Function):

@@ -16,12 +16,11 @@ padding comes as dummy sequences no longer), and the gradient comes out of the g
 
 The first bucket's first step runs eagerly on a side stream (what capture needs first: cuBLAS handles, workspaces,
 lazy initialization), its second is captured and replayed; a later bucket is captured at its first step. All
-graphs share one memory pool, which is safe because they
-run one at a time and copy their outputs out of the pool, into buffers of their own. The process holds more memory
-than with eager steps: for 8 adapters of an 8B-shaped model on an H200, 142 GB reserved against 90 GB eager, for
-81 and 67 GB allocated at most (BENCHMARKS.md; expandable segments did not change it), likely the pool's activations
-beside the allocator's cache of the eager steps' (a bucket's first step, evaluation). On CPU (the tests) every
-step runs the same bucketed work eagerly."""
+graphs share one memory pool, which is safe because they run one at a time and copy their outputs out of the pool,
+into buffers of their own. The process holds more memory than with eager steps: for 8 adapters of an 8B-shaped
+model on an H200, 142 GB reserved against 90 GB eager, for 81 and 67 GB allocated at most (BENCHMARKS.md; expandable
+segments did not change it), likely the pool's activations beside the allocator's cache of the eager work (the
+first bucket's first step, evaluation). On CPU (the tests) every step runs the same bucketed work eagerly."""
 
 from __future__ import annotations
 

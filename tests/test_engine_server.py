@@ -94,3 +94,21 @@ def test_an_unexpected_error_in_the_stepping_loop_fails_the_trials_and_the_loop_
     server.register("next", config, None, [config.max_steps])
     assert math.isfinite(server.next_result("next")["eval_loss"])
     assert "a bug (injected by the test)" in capsys.readouterr().err  # the traceback, for the user
+
+
+def test_the_engine_counts_what_a_trial_slow_to_take_its_evaluation_costs(tiny_model_dir, rows):
+    """An adapter runs at most one evaluation ahead of its trial: while its trial has not taken an evaluation it is
+    left out of the engine's steps, and the engine's figures count those adapter-steps and the time the engine waited
+    with it held (what the trials' checkpoint writing and reporting cost the engine)."""
+    server = server_for(tiny_model_dir, rows, slots=2)
+    config = dataclasses.replace(SUBJECT, gradient_accumulation_steps=1, max_steps=4)
+    # "prompt" is more than GATHER_STEPS from its evaluation when "slow" reaches its first: no gathering.
+    long = dataclasses.replace(config, max_steps=GATHER_STEPS + 4, seed=5)
+    server.register("slow", config, None, [1, 4])
+    server.register("prompt", long, None, [long.max_steps])
+    assert server.next_result("prompt")["step"] == long.max_steps  # "slow" held from its step 1 on
+    time.sleep(0.3)  # the engine waits, "slow" held, nothing else to step
+    assert [server.next_result("slow")["step"] for _ in range(2)] == [1, 4]
+    figures = server.figures()
+    assert figures["engine_held_adapter_steps"] == long.max_steps - 1
+    assert 0.3 <= figures["engine_held_seconds"] <= figures["engine_idle_seconds"]

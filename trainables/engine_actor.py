@@ -65,6 +65,11 @@ class EngineServer:
         self.evaluations_run = 0  # evaluations, each of the adapters at theirs together (_gathering)
         self.adapter_evaluations = 0
         self.idle_seconds = 0.0  # no adapter had a pending request
+        # Of idle_seconds: waits while an adapter with steps to go was held back until its trial took an evaluation
+        # (at most one evaluation ahead: _pending), and the adapter-steps left out of engine steps so. What the
+        # trials' reporting (checkpoint writes, tune.report) costs the engine, apart from waiting for registrations.
+        self.held_seconds = 0.0
+        self.held_adapter_steps = 0
         self.steps_run = 0
         self.adapter_steps = 0  # micro-batches over all engine steps: adapter_steps / steps_run adapters per step
         self.started_at = time.time()
@@ -177,6 +182,7 @@ class EngineServer:
             graphed = self.engine.graphed if self.engine.graphed is not None and self.engine.graphed.capture else None
             return {"engine_startup_s": self.startup_s, "engine_train_seconds": round(self.train_seconds, 2),
                     "engine_eval_seconds": round(self.eval_seconds, 2), "engine_idle_seconds": round(self.idle_seconds, 2),
+                    "engine_held_seconds": round(self.held_seconds, 2), "engine_held_adapter_steps": self.held_adapter_steps,
                     "engine_evaluations": self.evaluations_run, "engine_adapter_evaluations": self.adapter_evaluations,
                     "engine_steps": self.steps_run, "engine_adapters_per_step": round(self.adapter_steps / steps, 2),
                     "engine_step_ms": round(1000 * self.train_seconds / steps, 1), "engine_pid": os.getpid(),
@@ -201,12 +207,16 @@ class EngineServer:
     def _turn(self) -> None:
         """One step of the adapters that have steps to go, and the evaluations of those at one (or a wait)."""
         with self.condition:  # the loop's own turn
-            waited = time.time()
+            waited, held = time.time(), False
             while (not self._pending() and not self._arrived()) or self._starting():
+                held = held or bool(self._held())
                 self.engine.settle()  # nothing left in flight while the engine waits
                 self.condition.wait(REGISTRATION_QUIET_S if self._starting() else None)
             self.idle_seconds += time.time() - waited
+            if held:
+                self.held_seconds += time.time() - waited
             pending = self._pending()
+            self.held_adapter_steps += len(self._held()) if pending else 0
             if pending:
                 began = time.time()
                 try:
@@ -258,6 +268,11 @@ class EngineServer:
         adapters = self.engine.adapters
         return [slot for slot, steps in sorted(self.schedule.items())
                 if steps and slot in active and not self.results[slot] and adapters[slot].step < steps[0]]
+
+    def _held(self) -> list[int]:
+        """Adapters with steps to go, held back because their trial has not taken their last evaluation yet."""
+        active = set(self.engine.active())
+        return [slot for slot, steps in self.schedule.items() if steps and slot in active and self.results[slot]]
 
     def _arrived(self) -> list[int]:
         """Adapters at their next evaluation, or failed, whose trial has not been told yet."""
@@ -317,7 +332,9 @@ def progress_line(figures: dict) -> str:
             f"{f['engine_step_ms']} ms per step; of {f['engine_uptime_s']:.0f} s since its base was loaded: "
             f"{f['engine_train_seconds']:.0f} s stepping, {f['engine_eval_seconds']:.0f} s evaluating "
             f"({f['engine_evaluations']} evaluations of {f['engine_adapter_evaluations']} adapters), "
-            f"{f['engine_idle_seconds']:.0f} s waiting for requests"
+            f"{f['engine_idle_seconds']:.0f} s waiting for requests ({f['engine_held_seconds']:.0f} s of it with an "
+            f"adapter held until its trial took an evaluation; {f['engine_held_adapter_steps']} adapter-steps left out "
+            f"so)"
             + (f"; CUDA graphs of {f['engine_graph_shapes']} step shapes, {f['engine_capture_seconds']:.0f} s of the "
                f"stepping in their first steps and captures" if f.get("engine_graph_shapes") else ""))
 
